@@ -1,0 +1,352 @@
+"""The message layer: the envelope of a task and its two ends on a socket.
+
+Wire format
+===========
+
+A task message is a multipart ZeroMQ message of exactly three frames::
+
+    [protocol version, header, payload]
+
+- **protocol version**: ASCII ``X.Y.Z`` (see :mod:`dsat.version`). A receiver
+  accepts it when X.Y equals its own :data:`PROTOCOL`; otherwise the message is
+  refused with a :class:`MessageError` that names both versions.
+- **header**: a msgpack map with these keys, all required:
+
+  ==============  ========  ===================================================
+  key             type      meaning
+  ==============  ========  ===================================================
+  task_id         str       unique id of the task (1..64 characters)
+  job_id          str       the family the task belongs to (may be empty)
+  seq             int >= 0  counts the task's messages; every send adds one
+  step            str       the step the task is at (its last sender)
+  next            str       the step it is going to ("" when none)
+  event           str       an :class:`~dsat.fsm.Event` name
+  where           str       the satellite that sent it
+  wid             str       the sending worker or router ("cpu.3")
+  pid             int       the sending process id
+  attempt         int >= 0  how many tries this hop has had (1 for the first)
+  branch          int >= 0  the branch of a fanned-out task (the root is 1)
+  deadline        float     unix time by which the next progress is due, 0 = none
+  timestamps      map       str -> float unix times ("created", "sent", ...)
+  serialization   str       how the payload is encoded: msgpack, json, raw, pickle
+  ==============  ========  ===================================================
+
+- **payload**: bytes, encoded by the named serializer. msgpack is the default;
+  ``json`` and ``raw`` (bytes as they are) are always available; ``pickle``
+  executes code when loaded and is refused unless the receiver enables it.
+
+A message larger than the configured maximum (:data:`DEFAULT_MAX_SIZE`, 16 MiB
+by default) is refused; on sockets made by dsat, ZeroMQ enforces the limit
+itself (``MAXMSGSIZE``) before the message is allocated.
+
+:func:`decode` and :func:`parse_event` never raise anything but
+:class:`MessageError` for bad input, whatever the bytes: callers (routers, the
+tracker) count it, log it and go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+import msgpack
+import zmq
+
+from dsat.errors import MessageError, VersionError
+from dsat.fsm import Event
+from dsat.version import Version, compatible
+
+PROTOCOL: Final = Version(1, 0, "0")
+PROTOCOL_FRAME: Final = str(PROTOCOL).encode("ascii")
+DEFAULT_MAX_SIZE: Final = 16 * 1024 * 1024
+SERIALIZATIONS: Final = ("msgpack", "json", "raw", "pickle")
+MAX_ID_LENGTH: Final = 64
+MAX_NAME_LENGTH: Final = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The header of a task message: where the task is, where it goes, and how far it got."""
+
+    task_id: str
+    job_id: str = ""
+    seq: int = 0
+    step: str = ""
+    next: str = ""
+    event: Event = Event.SEND
+    where: str = ""
+    wid: str = ""
+    pid: int = 0
+    attempt: int = 1
+    branch: int = 1
+    deadline: float = 0.0
+    timestamps: Mapping[str, float] = field(default_factory=dict)
+    serialization: str = "msgpack"
+
+
+@dataclass(frozen=True, slots=True)
+class Vector:
+    """A task message: its envelope, its payload bytes, and (on a ROUTER) the peer's id."""
+
+    envelope: Envelope
+    payload: bytes = b""
+    peer: bytes = b""
+
+    def value(self, *, allow_pickle: bool = False) -> Any:
+        """The payload decoded by the envelope's serializer."""
+        return loads(self.payload, self.envelope.serialization, allow_pickle=allow_pickle)
+
+
+# ---------------------------------------------------------------------------
+# serializers
+
+
+def dumps(value: Any, serialization: str = "msgpack", *, allow_pickle: bool = False) -> bytes:
+    """Encode a payload; raise MessageError when the value cannot be encoded that way."""
+    try:
+        if serialization == "msgpack":
+            return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+        if serialization == "json":
+            return json.dumps(value, separators=(",", ":")).encode("utf-8")
+        if serialization == "raw":
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise MessageError(f"raw payload: need bytes, got {type(value).__name__}")
+            return bytes(value)
+        if serialization == "pickle":
+            if not allow_pickle:
+                raise MessageError(_PICKLE_REFUSED)
+            return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    except (TypeError, ValueError, OverflowError, pickle.PicklingError) as exc:
+        raise MessageError(f"cannot encode payload as {serialization}: {exc}") from exc
+    raise MessageError(f"unknown serialization {serialization!r}: use one of {SERIALIZATIONS}")
+
+
+def loads(data: bytes, serialization: str = "msgpack", *, allow_pickle: bool = False) -> Any:
+    """Decode a payload; raise MessageError for bad bytes, never anything else."""
+    try:
+        if serialization == "msgpack":
+            return msgpack.unpackb(data, raw=False, strict_map_key=False)
+        if serialization == "json":
+            return json.loads(data)
+        if serialization == "raw":
+            return bytes(data)
+        if serialization == "pickle":
+            if not allow_pickle:
+                raise MessageError(_PICKLE_REFUSED)
+            return pickle.loads(data)
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        raise MessageError(f"payload is not valid {serialization}: {exc}") from exc
+    raise MessageError(f"unknown serialization {serialization!r}: use one of {SERIALIZATIONS}")
+
+
+_PICKLE_REFUSED: Final = (
+    "payload is pickle, which runs code when loaded, and pickle is not enabled here "
+    "(set allow_pickle = true in the topology's [defaults] to accept it); not unpickled"
+)
+
+
+# ---------------------------------------------------------------------------
+# pure codec
+
+
+def encode(envelope: Envelope, payload: bytes = b"") -> list[bytes]:
+    """The frames of a task message: ``[protocol version, header, payload]``."""
+    header = {
+        "task_id": envelope.task_id,
+        "job_id": envelope.job_id,
+        "seq": envelope.seq,
+        "step": envelope.step,
+        "next": envelope.next,
+        "event": str(envelope.event),
+        "where": envelope.where,
+        "wid": envelope.wid,
+        "pid": envelope.pid,
+        "attempt": envelope.attempt,
+        "branch": envelope.branch,
+        "deadline": float(envelope.deadline),
+        "timestamps": dict(envelope.timestamps),
+        "serialization": envelope.serialization,
+    }
+    return [PROTOCOL_FRAME, msgpack.packb(header, use_bin_type=True), bytes(payload)]
+
+
+def decode(frames: Sequence[bytes], *, max_size: int = DEFAULT_MAX_SIZE) -> Vector:
+    """Check and read the frames of a task message; raise MessageError saying what is wrong."""
+    if not isinstance(frames, Sequence) or isinstance(frames, bytes | str):
+        raise MessageError(f"message: need a list of frames, got {type(frames).__name__}")
+    if len(frames) != 3:
+        raise MessageError(f"message: need 3 frames [version, header, payload], got {len(frames)}")
+    size = 0
+    for index, frame in enumerate(frames):
+        if not isinstance(frame, bytes | bytearray | memoryview):
+            raise MessageError(f"frame {index}: need bytes, got {type(frame).__name__}")
+        size += len(frame)
+    if size > max_size:
+        raise MessageError(f"message: {size} bytes is over the {max_size}-byte limit")
+    check_protocol(frames[0])
+    envelope = read_header(frames[1])
+    return Vector(envelope, bytes(frames[2]))
+
+
+_ACCEPTED_PROTOCOLS: dict[bytes, Version] = {PROTOCOL_FRAME: PROTOCOL}
+
+
+def check_protocol(frame: bytes) -> Version:
+    """The protocol version a peer speaks, when compatible with ours; MessageError otherwise."""
+    frame = bytes(frame)
+    known = _ACCEPTED_PROTOCOLS.get(frame)
+    if known is not None:
+        return known
+    if len(frame) > 32:
+        raise MessageError(f"protocol version frame: {len(frame)} bytes, not a version")
+    try:
+        version = Version.parse(frame.decode("ascii"))
+    except (UnicodeDecodeError, VersionError) as exc:
+        raise MessageError(f"protocol version frame {frame[:32]!r}: {exc}") from exc
+    if not compatible(version, PROTOCOL):
+        raise MessageError(
+            f"protocol version {version} is not compatible with {PROTOCOL} "
+            f"(X.Y must match; upgrade the older peer)"
+        )
+    if len(_ACCEPTED_PROTOCOLS) < 64:
+        _ACCEPTED_PROTOCOLS[frame] = version
+    return version
+
+
+_STR_FIELDS: Final = ("task_id", "job_id", "step", "next", "where", "wid", "serialization")
+_INT_FIELDS: Final = ("seq", "pid", "attempt", "branch")
+_FIELDS: Final = frozenset((*_STR_FIELDS, *_INT_FIELDS, "event", "deadline", "timestamps"))
+_EVENTS: Final = {str(e): e for e in Event}
+_MAX_INT: Final = 2**63 - 1
+
+
+def read_header(data: bytes) -> Envelope:
+    """Read a msgpack header into an Envelope; MessageError names the first bad field."""
+    try:
+        header = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        raise MessageError(f"header: not valid msgpack ({exc})") from exc
+    if type(header) is not dict:
+        raise MessageError(f"header: need a map, got {type(header).__name__}")
+    missing = _FIELDS - header.keys()
+    if missing:
+        raise MessageError(f"header: missing field(s) {', '.join(sorted(missing))}")
+    for name in _STR_FIELDS:
+        value = header[name]
+        if type(value) is not str:
+            raise MessageError(f"header field {name}: need a string, got {type(value).__name__}")
+        if len(value) > MAX_NAME_LENGTH:
+            raise MessageError(f"header field {name}: {len(value)} characters is too long")
+    for name in _INT_FIELDS:
+        value = header[name]
+        if type(value) is not int or not 0 <= value <= _MAX_INT:
+            raise MessageError(
+                f"header field {name}: need an integer in 0..2**63-1, got {value!r:.40}"
+            )
+    task_id = header["task_id"]
+    if not 0 < len(task_id) <= MAX_ID_LENGTH:
+        raise MessageError(f"header field task_id: need 1..{MAX_ID_LENGTH} characters")
+    event = _EVENTS.get(header["event"]) if type(header["event"]) is str else None
+    if event is None:
+        raise MessageError(f"header field event: unknown event {header['event']!r:.40}")
+    if header["serialization"] not in SERIALIZATIONS:
+        raise MessageError(
+            f"header field serialization: unknown serializer {header['serialization']!r:.40}"
+        )
+    deadline = header["deadline"]
+    if type(deadline) not in (float, int):
+        raise MessageError(f"header field deadline: need a number, got {type(deadline).__name__}")
+    timestamps = header["timestamps"]
+    if type(timestamps) is not dict or len(timestamps) > 32:
+        raise MessageError("header field timestamps: need a map of at most 32 names to times")
+    for key, value in timestamps.items():
+        if type(key) is not str or type(value) not in (float, int):
+            raise MessageError(
+                f"header field timestamps: need name -> number, got {key!r:.40} -> {value!r:.40}"
+            )
+    return Envelope(
+        task_id=task_id,
+        job_id=header["job_id"],
+        seq=header["seq"],
+        step=header["step"],
+        next=header["next"],
+        event=event,
+        where=header["where"],
+        wid=header["wid"],
+        pid=header["pid"],
+        attempt=header["attempt"],
+        branch=header["branch"],
+        deadline=float(deadline),
+        timestamps=timestamps,
+        serialization=header["serialization"],
+    )
+
+
+# ---------------------------------------------------------------------------
+# at the socket
+
+
+def configure(
+    socket: zmq.Socket[Any],
+    *,
+    hwm: int = 1000,
+    max_size: int = DEFAULT_MAX_SIZE,
+    linger: float = 0.0,
+) -> None:
+    """Give a socket dsat's explicit limits: high-water marks, max message size, linger."""
+    socket.setsockopt(zmq.SNDHWM, hwm)
+    socket.setsockopt(zmq.RCVHWM, hwm)
+    # ZeroMQ drops a peer that sends a bigger frame before allocating it.
+    socket.setsockopt(zmq.MAXMSGSIZE, max_size)
+    socket.setsockopt(zmq.LINGER, int(linger * 1000))
+
+
+def send_vector(
+    socket: zmq.Socket[Any],
+    vector: Vector,
+    event: Event | None = None,
+    *,
+    peer: bytes | None = None,
+    flags: int = 0,
+) -> Vector:
+    """Send a task message, one seq further (and with ``event`` when given); return what was sent.
+
+    ``peer`` prefixes the routing id a ROUTER socket needs. ``flags`` go to pyzmq
+    (``zmq.NOBLOCK`` raises ``zmq.Again`` when the high-water mark is reached).
+    """
+    envelope = vector.envelope
+    stamps = dict(envelope.timestamps)
+    stamps["sent"] = time.time()
+    envelope = replace(
+        envelope,
+        seq=envelope.seq + 1,
+        event=envelope.event if event is None else event,
+        pid=os.getpid(),
+        timestamps=stamps,
+    )
+    frames = encode(envelope, vector.payload)
+    if peer is not None:
+        frames.insert(0, peer)
+    socket.send_multipart(frames, flags=flags)
+    return Vector(envelope, vector.payload, peer or b"")
+
+
+def parse_event(
+    socket: zmq.Socket[Any], *, max_size: int = DEFAULT_MAX_SIZE, flags: int = 0
+) -> Vector:
+    """Receive and check one task message; MessageError for anything malformed.
+
+    On a ROUTER socket the first frame (the sender's routing id) is kept in
+    ``Vector.peer``. ``zmq.Again`` comes through when nothing arrived in time.
+    """
+    frames = socket.recv_multipart(flags=flags)
+    peer = b""
+    if socket.type == zmq.ROUTER:
+        peer = frames.pop(0)
+    vector = decode(frames, max_size=max_size)
+    return Vector(vector.envelope, vector.payload, peer)

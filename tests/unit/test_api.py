@@ -1,0 +1,29 @@
+"""The public names users import: pinned, so a change to them is a decision."""
+
+from __future__ import annotations
+
+import dsat
+
+
+def test_the_public_names_are_pinned() -> None:
+    assert dsat.__all__ == sorted(dsat.__all__)
+    assert set(dsat.__all__) == {
+        "DsatError",
+        "Envelope",
+        "Event",
+        "MessageError",
+        "Problem",
+        "Topology",
+        "TopologyError",
+        "Vector",
+        "Version",
+        "VersionError",
+        "__version__",
+        "compatible",
+        "get_connection",
+        "load_topology",
+        "parse_event",
+        "send_vector",
+    }
+    for name in dsat.__all__:
+        assert getattr(dsat, name) is not None
