@@ -72,6 +72,8 @@ _DURATION: Final = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _DURATION_HELP: Final = "use seconds or a string like '250ms', '2s', '1m'"
 IPC_PATH_LIMIT: Final = 100  # ZeroMQ ipc paths are limited to about 107 bytes
+# room kept for ipc names that are not a step's (tracker.events, the supervisor's endpoint...)
+_IPC_NAME_RESERVE: Final = 32
 
 
 # ---------------------------------------------------------------------------
@@ -391,7 +393,10 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError(f"bad duration {value!r}: {_DURATION_HELP}")
     if isinstance(value, int | float):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int past float's range (JSON and TOML allow them)
+            raise ValueError(f"bad duration {value!r:.40}: too large") from None
     elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = float(match.group(1)) * _UNITS[match.group(2)]
     else:
@@ -415,7 +420,7 @@ def resolve_call(spec: str, search_path: Sequence[str] = ()) -> Callable[..., An
         target: Any = importlib.import_module(module_name)
     except ImportError:
         raise
-    except Exception as exc:  # user code failing at import: report it, whatever it is
+    except (Exception, SystemExit) as exc:  # user code failing at import: report it
         reason = f"{type(exc).__name__}: {exc}"
         raise ImportError(f"module {module_name} fails at import: {reason}") from exc
     for part in attribute.split("."):
@@ -448,7 +453,7 @@ def load_topology(path: str | os.PathLike[str], *, check_imports: bool = True) -
         raise TopologyError([Problem(file, "file", str(exc))]) from None
     loader = _Loader(file, data)
     topology = loader.build()
-    if check_imports and not loader.problems:
+    if check_imports:
         loader.check_imports(topology)
     if loader.problems:
         raise TopologyError(loader.problems)
@@ -469,6 +474,10 @@ def _parse(file: str, text: bytes) -> dict[str, Any]:
             raise _ParseError(f"not valid JSON: {exc}") from exc
         if not isinstance(data, dict):
             raise _ParseError("not a topology: the top level must be an object")
+        try:  # JSON's \uXXXX escapes can make lone surrogates, which no path or name can hold
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError) as exc:
+            raise _ParseError(f"not valid JSON text: {exc}") from exc
         return data
     try:
         return tomllib.loads(text.decode("utf-8"))
@@ -534,6 +543,9 @@ class _Loader:
     file: str
     data: dict[str, Any]
     problems: list[Problem] = field(default_factory=list)
+    # every `from` and `to` a link names, valid or not: a link that failed its own
+    # check must not also make its ends look unlinked (one mistake, one problem)
+    named_ends: set[tuple[str, str]] = field(default_factory=set)
 
     def problem(self, where: str, reason: str) -> None:
         self.problems.append(Problem(self.file, where, reason))
@@ -611,10 +623,11 @@ class _Loader:
         store = self.store(top.get("store", {}))
         steps = self.steps(top.get("step", {}), defaults, satellites)
         links = self.links(top.get("link", []), steps)
+        self.check_ipc_paths(satellites, steps)
         topology = Topology(self.file, satellites, steps, links, store, defaults, python_path)
-        if not self.problems:
-            self.check_graph(topology)
-            self.check_addresses(topology)
+        # Whole-graph checks run on what did load, so one bad field hides nothing else.
+        self.check_graph(topology)
+        self.check_addresses(topology)
         return topology
 
     def strings(self, table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
@@ -668,13 +681,6 @@ class _Loader:
             )
             state = self.get(table, "state_dir", str, where, "")
             state = os.path.normpath(os.path.join(directory, state or os.path.join(".dsat", name)))
-            longest = os.path.join(runtime, "x" * 64 + ".queue.in")
-            if len(longest.encode()) > IPC_PATH_LIMIT:
-                self.problem(
-                    where,
-                    f"runtime_dir: {runtime!r} makes ipc paths of up to {len(longest.encode())} "
-                    f"bytes; ZeroMQ allows about {IPC_PATH_LIMIT}: choose a shorter directory",
-                )
             found[name] = Satellite(
                 name=name,
                 host=self.get(table, "host", str, where, "127.0.0.1"),
@@ -825,6 +831,7 @@ class _Loader:
             table = self.table(raw, label, _LINK_FIELDS)
             source = self.get(table, "from", str, label, "")
             target = self.get(table, "to", str, label, "")
+            self.named_ends.add((source, target))
             bad = False
             for key, name in (("from", source), ("to", target)):
                 if not name:
@@ -833,6 +840,9 @@ class _Loader:
                 elif name not in steps:
                     close = difflib.get_close_matches(name, list(steps), n=1)
                     hint = f" (did you mean {close[0]!r}?)" if close else ""
+                    if close:  # the fix is likely that name: do not also report it unlinked
+                        ends = (close[0], target) if key == "from" else (source, close[0])
+                        self.named_ends.add(ends)
                     self.problem(label, f"{key}: unknown step {name!r}{hint}")
                     bad = True
             pattern_text = self.get(table, "pattern", str, label, "push")
@@ -861,21 +871,47 @@ class _Loader:
 
     # -- whole-graph checks
 
+    def check_ipc_paths(
+        self, satellites: Mapping[str, Satellite], steps: Mapping[str, Step]
+    ) -> None:
+        """Every ipc path a satellite binds (``<runtime_dir>/<name>``) must fit ZeroMQ's limit."""
+        for satellite in satellites.values():
+            longest = max(
+                [_IPC_NAME_RESERVE]
+                + [
+                    len(step.name + QUEUE_SUFFIX + ".in")  # the longest name a step binds
+                    for step in steps.values()
+                    if satellite.name in step.satellites
+                ]
+            )
+            size = len(satellite.runtime_dir.encode()) + 1 + longest
+            if size > IPC_PATH_LIMIT:
+                self.problem(
+                    f"satellite.{satellite.name}",
+                    f"runtime_dir: {satellite.runtime_dir!r} makes ipc paths of up to {size} "
+                    f"bytes; ZeroMQ allows about {IPC_PATH_LIMIT}: choose a shorter directory",
+                )
+
     def check_graph(self, topology: Topology) -> None:
         fed = {link.target for link in topology.links}
+        named_sources = {source for source, _ in self.named_ends}
+        named_targets = {target for _, target in self.named_ends}
         starts = [s.name for s in topology.steps.values() if s.kind is Kind.SOURCE or s.entry]
         for step in topology.steps.values():
             if step.kind is Kind.SOURCE:
                 if step.entry:
                     self.problem(f"step.{step.name}", "entry: a source takes no submissions")
-                if not topology.links_from(step.name):
+                if step.name not in named_sources:
                     self.problem(f"step.{step.name}", "a source with no link: its tasks go nowhere")
             elif step.name not in fed and not step.entry:
-                self.problem(
-                    f"step.{step.name}",
-                    f"{step.kind} with no input: no link leads to it and it is not an entry "
-                    "(add a link to it, or entry = true to submit to it)",
-                )
+                # Walk on from it anyway: what it feeds is not unreachable on its own account.
+                starts.append(step.name)
+                if step.name not in named_targets:
+                    self.problem(
+                        f"step.{step.name}",
+                        f"{step.kind} with no input: no link leads to it and it is not an entry "
+                        "(add a link to it, or entry = true to submit to it)",
+                    )
         reached = set(starts)
         frontier = list(starts)
         while frontier:
