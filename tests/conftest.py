@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import zmq
+
+import dsat
 
 
 class _ClosingContext(zmq.Context[zmq.Socket[bytes]]):
@@ -54,3 +63,143 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float
             return value
         assert time.monotonic() < deadline, f"not true within {timeout}s"
         time.sleep(interval)
+
+
+# ---------------------------------------------------------------------------
+# a real satellite, run as users run it: `python -m dsat run topology.toml`
+
+
+class RunningSatellite:
+    """A `dsat run` subprocess on a topology written in a temporary directory."""
+
+    def __init__(self, directory: Path, topology: Path, args: tuple[str, ...] = ()) -> None:
+        self.directory = directory
+        self.topology = topology
+        self.output = directory / "run.out"
+        self.args = args
+        self.process: subprocess.Popen[bytes] | None = None
+        self.known_pids: set[int] = set()
+
+    def start(self, timeout: float = 30.0) -> RunningSatellite:
+        with open(self.output, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "dsat", "run", str(self.topology), *self.args],
+                cwd=self.directory,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while True:
+            assert self.process.poll() is None, f"dsat run exited:\n{self.output.read_text()}"
+            try:
+                with self.client(timeout=1.0) as client:
+                    client.ping(timeout=1.0)
+                break
+            except dsat.DsatError:
+                assert time.monotonic() < deadline, f"not up in {timeout}s:\n{self.log()}"
+                time.sleep(0.1)
+        self.known_pids |= set(self.tree())
+        return self
+
+    def client(self, timeout: float = 10.0) -> dsat.Client:
+        return dsat.connect(self.topology, timeout=timeout)
+
+    def tree(self) -> list[int]:
+        """Every process below `dsat run` (the arbiter, routers, workers, tracker)."""
+        if self.process is None:
+            return []
+        try:
+            parent = psutil.Process(self.process.pid)
+            return [p.pid for p in parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def pids_of(self, node: str) -> list[int]:
+        """The pids of one node's processes (`s1`, `s1.queue`, `tracker`...)."""
+        found = []
+        for pid in self.tree():
+            try:
+                cmdline = psutil.Process(pid).cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            if "dsat.node" in cmdline and cmdline[cmdline.index("--node") + 1] == node:
+                found.append(pid)
+        return found
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 90.0) -> int:
+        """Signal `dsat run` and wait for it; return its exit code."""
+        assert self.process is not None
+        self.known_pids |= set(self.tree())
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill_all()
+            raise AssertionError(f"dsat run did not stop in {timeout}s:\n{self.log()}") from None
+
+    def survivors(self) -> list[int]:
+        """Processes this satellite ever had that still run (zombies do not count)."""
+        alive = []
+        for pid in self.known_pids:
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+    def kill_all(self) -> None:
+        """Last resort of a fixture: SIGKILL every process we know, by pid."""
+        self.known_pids |= set(self.tree())
+        for pid in [*self.known_pids, *([self.process.pid] if self.process else [])]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if self.process is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10)
+
+    def log(self, node: str | None = None) -> str:
+        if node is None:
+            return self.output.read_text(errors="replace") if self.output.exists() else ""
+        runs = self.topology.parent / ".dsat"
+        logs = sorted(runs.glob(f"*/runs/latest/{node}.log"))
+        return logs[-1].read_text(errors="replace") if logs else ""
+
+
+@pytest.fixture
+def satellite(tmp_path: Path) -> Iterator[Callable[..., RunningSatellite]]:
+    """Write a topology (and its modules) and start `dsat run` on it; stopped at teardown.
+
+    `satellite(topology_text, modules={"fns": "def f(x): ..."}, start=True)`; the text
+    may use RUNTIME for a short private ipc directory.
+    """
+    started: list[RunningSatellite] = []
+    runtime_dirs: list[str] = []
+
+    def make(
+        text: str,
+        modules: dict[str, str] | None = None,
+        *,
+        start: bool = True,
+        args: tuple[str, ...] = (),
+    ) -> RunningSatellite:
+        runtime = tempfile.mkdtemp(prefix="dsat-", dir="/tmp")
+        runtime_dirs.append(runtime)
+        for name, code in (modules or {}).items():
+            (tmp_path / f"{name}.py").write_text(textwrap.dedent(code))
+        path = tmp_path / "topology.toml"
+        path.write_text(textwrap.dedent(text).replace("RUNTIME", runtime))
+        running = RunningSatellite(tmp_path, path, args)
+        started.append(running)
+        return running.start() if start else running
+
+    yield make
+    for running in started:
+        if running.process is not None and running.process.poll() is None:
+            with contextlib.suppress(AssertionError):
+                running.stop()
+        running.kill_all()
+    for runtime in runtime_dirs:
+        shutil.rmtree(runtime, ignore_errors=True)

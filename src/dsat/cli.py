@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
 import sys
+import time
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 from dsat import __version__
 from dsat.errors import DsatError, TopologyError
 from dsat.graph import to_dot, to_svg
 from dsat.message import PROTOCOL
 from dsat.topology import load_topology
+
+DEFAULT_TOPOLOGY = "topology.toml"
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -42,6 +50,126 @@ def _graph(args: argparse.Namespace) -> int:
         to_svg(dot, args.svg)
         print(f"wrote {args.svg}", file=sys.stderr)
     return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dsat.supervisor import Satellite
+
+    logging.basicConfig(level=logging.INFO, format="dsat run: %(message)s")
+    topology = load_topology(args.topology)
+    satellite = Satellite(topology, args.satellite or next(iter(topology.satellites)))
+    signal.signal(signal.SIGTERM, satellite.request_stop)
+    signal.signal(signal.SIGINT, satellite.request_stop)
+    print(f"dsat: starting satellite {satellite.name} of {topology.path}", flush=True)
+    print(f"dsat: logs in {satellite.run_dir}", flush=True)
+    try:
+        satellite.start()
+        nodes = len(topology.nodes(satellite.name))
+        print(f"dsat: running ({nodes} process kinds); Ctrl-C or SIGTERM stops it", flush=True)
+        satellite.wait(args.duration)
+    finally:
+        print("dsat: stopping (in order: nothing accepted is dropped)", flush=True)
+        satellite.stop()
+    print("dsat: stopped", flush=True)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> Any:
+    from dsat.client import connect
+
+    return connect(args.topology, satellite=args.satellite or "", timeout=args.timeout)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise DsatError(f"payload is not JSON: {exc}") from exc
+    with _client(args) as client:
+        task_id = client.submit(args.step, payload, job_id=args.job)
+        print(task_id)
+        if args.wait:
+            print(json.dumps(client.wait(task_id, timeout=args.wait), default=repr))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        state = client.state(args.task)
+    if args.json:
+        print(json.dumps(_state_json(state), indent=2, default=repr))
+        return 0
+    print(f"task     {state.task_id}  (job {state.job_id})")
+    print(
+        f"state    {state.state}"
+        + (f" (last known: {state.last_known})" if state.last_known else "")
+    )
+    print(f"step     {state.step}  attempt {state.attempt}")
+    if state.error:
+        print(f"error    {state.error}")
+    print(f"created  {_time(state.created)}   updated {_time(state.updated)}")
+    if state.anomalies or state.duplicates:
+        print(f"flags    {state.anomalies} anomalies, {state.duplicates} duplicates")
+    if state.results:
+        print(f"result   {json.dumps(state.result, default=repr)}")
+    print("history")
+    for event in state.history:
+        print("  " + _event_line(event))
+    return 0
+
+
+def _watch(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        for event in client.status_for(args.task, timeout=args.for_seconds):
+            print(_event_line(event), flush=True)
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        rows = client.tasks(
+            job_id=args.job, step=args.step, state=args.state, stuck=args.stuck, limit=args.limit
+        )
+    if args.json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2))
+        return 0
+    print(f"{'task_id':24} {'state':10} {'step':12} {'try':>3}  {'updated':19}  error")
+    for row in rows:
+        print(
+            f"{row.task_id:24} {row.state:10} {row.step:12} {row.attempt:>3}  "
+            f"{_time(row.updated)}  {row.error[:60]}"
+        )
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        client.retry(args.task)
+    print(f"{args.task}: sent again")
+    return 0
+
+
+def _time(stamp: float | None) -> str:
+    if not stamp:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+
+
+def _event_line(event: Any) -> str:
+    where = f"{event.step or '-'}"
+    flag = f"  [{event.flag}]" if event.flag else ""
+    error = f"  {event.detail.get('error')}" if event.detail.get("error") else ""
+    return (
+        f"{event.tseq:>4} {_time(event.at)} {event.event:10} {where:12} "
+        f"try {event.attempt} seq {event.seq} {event.wid}{error}{flag}"
+    )
+
+
+def _state_json(state: Any) -> dict[str, Any]:
+    data = dict(state.__dict__)
+    data["history"] = [dict(e.__dict__) for e in state.history]
+    data["results"] = dict(state.results)
+    return data
 
 
 def _version(args: argparse.Namespace) -> int:
@@ -78,6 +206,105 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("topology", help="the topology file")
     graph.add_argument("--svg", metavar="FILE", help="also render an SVG (needs Graphviz's dot)")
     graph.set_defaults(handler=_graph)
+
+    run = commands.add_parser(
+        "run",
+        help="run a satellite: its routers, worker pools, tracker, under circus",
+        description="Start one satellite of a topology under circus (one watcher per step, "
+        "the tracker, the orchester) and keep it running until Ctrl-C or SIGTERM, which stop "
+        "it in order: nothing accepted is dropped, queued tasks resume at the next run. "
+        "Prints the run directory where each process logs.",
+    )
+    run.add_argument("topology", help="the topology file")
+    run.add_argument("--satellite", help="which satellite (default: the first one)")
+    run.add_argument(
+        "--for",
+        dest="duration",
+        type=float,
+        metavar="SECONDS",
+        help="stop by itself after this many seconds",
+    )
+    run.set_defaults(handler=_run)
+
+    def client_command(name: str, help_text: str, description: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help_text, description=description)
+        command.add_argument(
+            "-t",
+            "--topology",
+            default=os.environ.get("DSAT_TOPOLOGY", DEFAULT_TOPOLOGY),
+            help="the topology file (default: $DSAT_TOPOLOGY or ./topology.toml)",
+        )
+        command.add_argument("--satellite", help="which satellite (default: the first one)")
+        command.add_argument(
+            "--timeout",
+            type=float,
+            default=10.0,
+            help="seconds to wait for the satellite (default 10)",
+        )
+        return command
+
+    submit = client_command(
+        "submit",
+        "submit a task to a step and print its task id",
+        "Submit one task whose payload is the JSON text given, to a step; print its task_id.",
+    )
+    submit.add_argument("step", help="the step to submit to")
+    submit.add_argument("payload", help="the payload, as JSON (e.g. '{\"n\": 1}')")
+    submit.add_argument("--job", help="the job_id to file it under")
+    submit.add_argument(
+        "--wait", type=float, metavar="SECONDS", help="also wait for its result and print it"
+    )
+    submit.set_defaults(handler=_submit)
+
+    status = client_command(
+        "status",
+        "print a task's state and history",
+        "Print a task's State: its state (UNKNOWN when its fate is not known), step, attempts, "
+        "error, result and every event of its history.",
+    )
+    status.add_argument("task", help="the task id")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(handler=_status)
+
+    watch = client_command(
+        "watch",
+        "follow a task's events live until it ends (status_for)",
+        "Print a task's events as they happen, from its first one, until it ends.",
+    )
+    watch.add_argument("task", help="the task id")
+    watch.add_argument(
+        "--for",
+        dest="for_seconds",
+        type=float,
+        metavar="SECONDS",
+        help="give up after this many seconds",
+    )
+    watch.set_defaults(handler=_watch)
+
+    tasks = client_command(
+        "tasks",
+        "list tasks by job, step or state",
+        "List tasks, newest first, that match every filter given.",
+    )
+    tasks.add_argument("--job", help="only this job_id")
+    tasks.add_argument("--step", help="only tasks whose latest event was at this step")
+    tasks.add_argument("--state", help="only this state (HAPPY_END, FAILURE, START, UNKNOWN...)")
+    tasks.add_argument(
+        "--stuck",
+        action="store_true",
+        help="only tasks that made no progress for longer than their deadline",
+    )
+    tasks.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    tasks.add_argument("--json", action="store_true", help="print JSON")
+    tasks.set_defaults(handler=_tasks)
+
+    retry = client_command(
+        "retry",
+        "send a failed task (a dead letter) again",
+        "Send a task that ended in FAILURE again, with its payload, from the step where it failed.",
+    )
+    retry.add_argument("task", help="the task id")
+    retry.set_defaults(handler=_retry)
 
     version = commands.add_parser(
         "version",

@@ -17,6 +17,7 @@ late events back in order and recognise duplicates.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
@@ -88,3 +89,243 @@ def allowed(prev: Event | None, event: Event) -> bool:
 def position(event: Event, seq: int, attempt: int) -> Position:
     """Where an event stands in its task's life; later events have larger positions."""
     return (seq, attempt, RANK[event])
+
+
+# ---------------------------------------------------------------------------
+# one task's life, applied event by event, in whatever order events arrive
+
+ROOT: Final = 1  # the branch id of a task as it is created
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What applying one event did: its number in the task's log, a flag, whether it ended."""
+
+    tseq: int
+    flag: str  # "" | "duplicate" | "conflict: ..."
+    over: bool
+
+
+@dataclass(slots=True)
+class Head:
+    """The most advanced event seen on one branch."""
+
+    position: Position
+    event: Event
+    step: str
+    attempt: int
+
+
+class TaskMachine:
+    """The live state of one task, fed by events from several processes.
+
+    Events of a task come from different producers and may arrive out of order,
+    so the machine does not insist on order as they come:
+
+    - every branch has ended when the XOR of branch ids is 0 again: ids are XORed
+      in when a branch is created (INIT, a fan-out) and again when it ends
+      (HAPPY_END, FAILURE), Storm's acker trick, the same in any order;
+    - the task is *over* when, besides, its history is complete: every
+      transition of every branch, in position order, is one that can happen
+      (:func:`check_history`). An END of an early hop may arrive after the
+      HAPPY_END of the last one; the task ends when it has arrived. If it never
+      does, the tracker ends the task anyway after a grace period
+      (:meth:`force_end`) and flags what is missing;
+    - an event already seen (same branch, seq, attempt and rank) is a duplicate:
+      it is logged but changes nothing.
+    """
+
+    __slots__ = (
+        "_forks",
+        "_seen",
+        "_xor",
+        "anomalies",
+        "attempt",
+        "created",
+        "deadline",
+        "duplicates",
+        "ended",
+        "error",
+        "failed",
+        "heads",
+        "history",
+        "job_id",
+        "origin",
+        "rooted",
+        "state",
+        "step",
+        "task_id",
+        "tseq",
+        "updated",
+    )
+
+    def __init__(self, task_id: str, job_id: str = "", origin: str = "") -> None:
+        self.task_id = task_id
+        self.job_id = job_id
+        self.origin = origin
+        self.tseq = 0
+        self.state: Event | None = None
+        self.step = ""
+        self.attempt = 0
+        self.error = ""
+        self.created = 0.0
+        self.updated = 0.0
+        self.deadline = 0.0
+        self.duplicates = 0
+        self.anomalies = 0
+        self.rooted = False
+        self.ended = False
+        self.failed: set[int] = set()
+        self.heads: dict[int, Head] = {}
+        self.history: list[tuple[Position, int, Event, int]] = []  # position, branch, event, tseq
+        self._seen: dict[tuple[int, int, int, int], Event] = {}
+        self._forks: set[int] = set()
+        self._xor = 0
+
+    @property
+    def closed(self) -> bool:
+        """Every branch created has ended (the history may still miss events)."""
+        return self.rooted and self._xor == 0
+
+    @property
+    def over(self) -> bool:
+        """Every branch has ended and every event of the history is there."""
+        return self.ended
+
+    def problems(self) -> list[tuple[int, str]]:
+        """Transitions of the history (so far) that cannot happen: (tseq, reason)."""
+        return check_history(self.history)
+
+    def force_end(self) -> list[tuple[int, str]]:
+        """End a closed task whose history stays incomplete; return what is wrong with it."""
+        self.ended = True
+        self._settle()
+        return self.problems()
+
+    def _settle(self) -> None:
+        self.state = Event.FAILURE if self.failed else Event.HAPPY_END
+        self.deadline = 0.0
+
+    def apply(
+        self,
+        event: Event,
+        *,
+        branch: int,
+        seq: int,
+        attempt: int,
+        step: str = "",
+        at: float = 0.0,
+        children: list[int] | None = None,
+        parent: int = 0,
+        error: str = "",
+        deadline: float = 0.0,
+    ) -> Outcome:
+        """Apply one event; every event gets a ``tseq``, duplicates included."""
+        self.tseq += 1
+        if not self.created or (at and at < self.created):
+            self.created = at
+        self.updated = max(self.updated, at)
+        rank = RANK[event]
+        key = (branch, seq, attempt, rank)
+        before = self._seen.get(key)
+        if before is not None:
+            self.duplicates += 1
+            flag = "duplicate" if before is event else f"conflict: {event} where {before} was"
+            return Outcome(self.tseq, flag, False)
+        self._seen[key] = event
+        where = (seq, attempt, rank)
+        self.history.append((where, branch, event, self.tseq))
+
+        if event is Event.INIT:
+            self.rooted = True
+            self._xor ^= branch
+        elif event is Event.END and children:
+            self._fork(branch, children)
+        elif event is Event.SEND and parent and children:
+            self._fork(parent, children)
+        elif event in TERMINAL:
+            self._xor ^= branch
+            if event is Event.FAILURE:
+                self.failed.add(branch)
+                self.error = error or self.error
+        elif event is Event.RETRY:
+            self._xor ^= branch
+            self.failed.discard(branch)
+            self.ended = False
+        if event in (Event.ERROR, Event.TIMEOUT) and error:
+            self.error = error
+
+        head = self.heads.get(branch)
+        if head is None or where > head.position:
+            self.heads[branch] = Head(where, event, step, attempt)
+            if self.state is None or not self.ended:
+                self.state, self.step, self.attempt = event, step or self.step, attempt
+                self.deadline = deadline
+        if not self.ended and self.closed and not self.problems():
+            self.ended = True
+        if self.ended:
+            self._settle()
+        return Outcome(self.tseq, "", self.ended)
+
+    def _fork(self, parent: int, children: list[int]) -> None:
+        """A branch ended by splitting into children (once, whoever reports it first)."""
+        if parent in self._forks or children == [parent]:
+            return
+        self._forks.add(parent)
+        self._xor ^= parent
+        for child in children:
+            self._xor ^= child
+
+
+SENDS: Final = frozenset({Event.SEND, Event.PROPAGATE, Event.RETRY})
+
+
+def check_history(history: list[tuple[Position, int, Event, int]]) -> list[tuple[int, str]]:
+    """Transitions that cannot happen, as (tseq, reason), checking each branch in position order.
+
+    Besides the event names (:data:`NEXT`), a transition must keep its place: a
+    send starts the next message (seq + 1; a resend keeps it), every other event
+    stays on the message it follows (same seq); a START after an ERROR or a
+    TIMEOUT is the next try (attempt + 1), and the events of one try share its
+    attempt. So a hop whose events never arrived is seen as a gap.
+
+    A branch other than the root starts after its parent's END (a fan-out), so
+    its first event must be one that may follow END.
+    """
+    problems: list[tuple[int, str]] = []
+    by_branch: dict[int, list[tuple[Position, Event, int]]] = {}
+    for where, branch, event, tseq in history:
+        by_branch.setdefault(branch, []).append((where, event, tseq))
+    for branch, events in by_branch.items():
+        events.sort()
+        prev: Event | None = None if branch == ROOT else Event.END
+        prev_at: Position | None = None
+        for at, event, tseq in events:
+            reason = _transition_problem(prev, prev_at, event, at)
+            if reason:
+                problems.append((tseq, reason))
+            prev, prev_at = event, at
+    return problems
+
+
+def _transition_problem(
+    prev: Event | None, prev_at: Position | None, event: Event, at: Position
+) -> str:
+    if not allowed(prev, event):
+        expected = ", ".join(sorted(NEXT[prev])) if prev is not None else "INIT or SEND"
+        return f"{event} cannot follow {prev or 'nothing'} (expected {expected})"
+    if prev is None or prev_at is None:
+        return ""  # the first event of a branch: nothing to keep up with
+    (prev_seq, prev_attempt, _), (seq, attempt, _) = prev_at, at
+    if event in SENDS:
+        if seq != prev_seq + 1 and not (event is prev and seq == prev_seq):
+            return f"{event} of message {seq} after {prev} of message {prev_seq}: a gap"
+        return ""
+    if seq != prev_seq:
+        return f"{event} of message {seq} after {prev} of message {prev_seq}: a gap"
+    if prev in SENDS:
+        return ""  # the first event at a hop: its attempt is the message's
+    wanted = prev_attempt + 1 if event is Event.START and prev is not Event.ACK else prev_attempt
+    if attempt != wanted:
+        return f"{event} of try {attempt} after {prev} of try {prev_attempt}: a gap"
+    return ""

@@ -22,6 +22,7 @@ A task message is a multipart ZeroMQ message of exactly three frames::
   next            str       the step it is going to ("" when none)
   event           str       an :class:`~dsat.fsm.Event` name
   where           str       the satellite that sent it
+  origin          str       the satellite where the task was submitted (keeps its history)
   wid             str       the sending worker or router ("cpu.3")
   pid             int       the sending process id
   attempt         int >= 0  how many tries this hop has had (1 for the first)
@@ -80,6 +81,7 @@ class Envelope:
     next: str = ""
     event: Event = Event.SEND
     where: str = ""
+    origin: str = ""
     wid: str = ""
     pid: int = 0
     attempt: int = 1
@@ -164,6 +166,7 @@ def encode(envelope: Envelope, payload: bytes = b"") -> list[bytes]:
         "next": envelope.next,
         "event": str(envelope.event),
         "where": envelope.where,
+        "origin": envelope.origin,
         "wid": envelope.wid,
         "pid": envelope.pid,
         "attempt": envelope.attempt,
@@ -218,7 +221,16 @@ def check_protocol(frame: bytes) -> Version:
     return version
 
 
-_STR_FIELDS: Final = ("task_id", "job_id", "step", "next", "where", "wid", "serialization")
+_STR_FIELDS: Final = (
+    "task_id",
+    "job_id",
+    "step",
+    "next",
+    "where",
+    "origin",
+    "wid",
+    "serialization",
+)
 _INT_FIELDS: Final = ("seq", "pid", "attempt", "branch")
 _FIELDS: Final = frozenset((*_STR_FIELDS, *_INT_FIELDS, "event", "deadline", "timestamps"))
 _EVENTS: Final = {str(e): e for e in Event}
@@ -277,6 +289,7 @@ def read_header(data: bytes) -> Envelope:
         next=header["next"],
         event=event,
         where=header["where"],
+        origin=header["origin"],
         wid=header["wid"],
         pid=header["pid"],
         attempt=header["attempt"],
@@ -350,3 +363,236 @@ def parse_event(
         peer = frames.pop(0)
     vector = decode(frames, max_size=max_size)
     return Vector(vector.envelope, vector.payload, peer)
+
+
+# ---------------------------------------------------------------------------
+# control messages: everything on the wire that is not a task
+#
+# ``[protocol version, kind, body, *extra]``: kind is a short ASCII word (b"ack",
+# b"busy", b"credit", b"result", b"events", b"confirm", b"submit", b"accepted",
+# b"refused", b"query", b"reply", b"load", b"bye", b"resend", b"hello"), body is a
+# msgpack value, extra frames are payloads carried as they are.
+
+
+@dataclass(frozen=True, slots=True)
+class Control:
+    """A control message: its kind, its msgpack body, any payload frames, the ROUTER peer."""
+
+    kind: str
+    body: Any
+    extra: tuple[bytes, ...] = ()
+    peer: bytes = b""
+
+
+def control(kind: str, body: Any, *extra: bytes) -> list[bytes]:
+    """The frames of a control message."""
+    return [PROTOCOL_FRAME, kind.encode("ascii"), msgpack.packb(body, use_bin_type=True), *extra]
+
+
+def is_task(frames: Sequence[bytes]) -> bool:
+    """Does this frame list look like a task message (a msgpack map header), not a control?"""
+    return len(frames) == 3 and len(frames[1]) > 0 and _is_map_byte(frames[1][0])
+
+
+def _is_map_byte(first: int) -> bool:
+    return 0x80 <= first <= 0x8F or first in (0xDE, 0xDF)
+
+
+def decode_control(
+    frames: Sequence[bytes],
+    kinds: frozenset[str],
+    *,
+    max_size: int = DEFAULT_MAX_SIZE,
+    max_extra: int = 1,
+) -> Control:
+    """Check and read a control message of one of ``kinds``; MessageError otherwise."""
+    if not 3 <= len(frames) <= 3 + max_extra:
+        raise MessageError(
+            f"control message: need 3..{3 + max_extra} frames [version, kind, body, ...], "
+            f"got {len(frames)}"
+        )
+    size = sum(len(frame) for frame in frames)
+    if size > max_size:
+        raise MessageError(f"message: {size} bytes is over the {max_size}-byte limit")
+    check_protocol(frames[0])
+    raw_kind = bytes(frames[1])
+    kind = raw_kind.decode("ascii", errors="replace")
+    if kind not in kinds:
+        raise MessageError(f"control message: unexpected kind {raw_kind[:32]!r}")
+    try:
+        body = msgpack.unpackb(frames[2], raw=False, strict_map_key=False)
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        raise MessageError(f"{kind} body: not valid msgpack ({exc})") from exc
+    return Control(kind, body, tuple(bytes(f) for f in frames[3:]))
+
+
+def field_of(body: Any, name: str, kind: type | tuple[type, ...], message: str) -> Any:
+    """A typed field of a control body (a map); MessageError naming it otherwise."""
+    if type(body) is not dict:
+        raise MessageError(f"{message}: need a map, got {type(body).__name__}")
+    value = body.get(name)
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if type(value) not in kinds:
+        names = " or ".join(k.__name__ for k in kinds)
+        raise MessageError(f"{message} field {name}: need {names}, got {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------
+# event records: what producers report to the tracker
+#
+# A batch of events is the control message ``[version, b"events", meta, records]``
+# where meta is ``{"producer": str, "epoch": int, "first": int}`` and records is
+# a msgpack array of arrays, one per event, in the order of RECORD_FIELDS.
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """One transition of one task, as a producer saw it."""
+
+    task_id: str
+    job_id: str
+    branch: int
+    seq: int
+    attempt: int
+    event: Event
+    step: str
+    where: str
+    origin: str
+    wid: str
+    pid: int
+    at: float
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_list(self) -> list[Any]:
+        return [
+            self.task_id,
+            self.job_id,
+            self.branch,
+            self.seq,
+            self.attempt,
+            str(self.event),
+            self.step,
+            self.where,
+            self.origin,
+            self.wid,
+            self.pid,
+            self.at,
+            dict(self.detail),
+        ]
+
+
+RECORD_FIELDS: Final = (
+    "task_id",
+    "job_id",
+    "branch",
+    "seq",
+    "attempt",
+    "event",
+    "step",
+    "where",
+    "origin",
+    "wid",
+    "pid",
+    "at",
+    "detail",
+)
+# detail keys the tracker reads, and their types
+DETAIL_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
+    "error": (str,),
+    "children": (list,),
+    "parent": (int,),
+    "next": (list,),
+    "result": (bytes,),
+    "payload": (bytes,),
+    "serialization": (str,),
+    "deadline": (float, int),
+    "elapsed": (float, int),
+    "reason": (str,),
+}
+
+
+def pack_records(records: Sequence[EventRecord]) -> bytes:
+    """Encode event records for an events batch."""
+    return msgpack.packb([r.as_list() for r in records], use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack_records(data: bytes, *, max_count: int = 1_000_000) -> list[EventRecord]:
+    """Decode and check an events batch; MessageError names the first bad record."""
+    try:
+        rows = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except (ValueError, TypeError, RecursionError, msgpack.UnpackException) as exc:
+        raise MessageError(f"events: not valid msgpack ({exc})") from exc
+    if type(rows) is not list or len(rows) > max_count:
+        raise MessageError(f"events: need an array of at most {max_count} records")
+    return [record_from_row(index, row) for index, row in enumerate(rows)]
+
+
+def record_from_row(index: int, row: Any) -> EventRecord:
+    if type(row) is not list or len(row) != len(RECORD_FIELDS):
+        raise MessageError(f"event record {index}: need an array of {len(RECORD_FIELDS)} fields")
+    (
+        task_id,
+        job_id,
+        branch,
+        seq,
+        attempt,
+        event_name,
+        step,
+        where,
+        origin,
+        wid,
+        pid,
+        at,
+        detail,
+    ) = row
+    for name, value in (
+        ("task_id", task_id),
+        ("job_id", job_id),
+        ("step", step),
+        ("where", where),
+        ("origin", origin),
+        ("wid", wid),
+    ):
+        if type(value) is not str or len(value) > MAX_NAME_LENGTH:
+            raise MessageError(f"event record {index}: {name}: need a short string")
+    if not 0 < len(task_id) <= MAX_ID_LENGTH:
+        raise MessageError(f"event record {index}: task_id: need 1..{MAX_ID_LENGTH} characters")
+    for name, value in (("branch", branch), ("seq", seq), ("attempt", attempt), ("pid", pid)):
+        if type(value) is not int or not 0 <= value <= _MAX_INT:
+            raise MessageError(f"event record {index}: {name}: need an integer in 0..2**63-1")
+    event = _EVENTS.get(event_name) if type(event_name) is str else None
+    if event is None:
+        raise MessageError(f"event record {index}: unknown event {event_name!r:.40}")
+    if type(at) not in (float, int):
+        raise MessageError(f"event record {index}: at: need a number")
+    if type(detail) is not dict:
+        raise MessageError(f"event record {index}: detail: need a map")
+    for key, value in detail.items():
+        expected = DETAIL_TYPES.get(key) if type(key) is str else None
+        if expected is None:
+            raise MessageError(f"event record {index}: detail: unknown key {key!r:.40}")
+        if type(value) not in expected:
+            raise MessageError(f"event record {index}: detail {key}: wrong type")
+    for key in ("children", "next"):
+        items = detail.get(key, ())
+        kind = int if key == "children" else str
+        if not all(type(item) is kind for item in items) or len(items) > 4096:
+            raise MessageError(
+                f"event record {index}: detail {key}: need a list of {kind.__name__}"
+            )
+    return EventRecord(
+        task_id,
+        job_id,
+        branch,
+        seq,
+        attempt,
+        event,
+        step,
+        where,
+        origin,
+        wid,
+        pid,
+        float(at),
+        detail,
+    )

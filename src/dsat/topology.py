@@ -370,12 +370,12 @@ def get_connection(topology: Topology, node: str, *, satellite: str = "") -> Pla
     )
     inbox = SocketPlan("in", "ROUTER", True, _exposed(topology, satellite, node, node + ".in"))
     work_address = ipc_address(topology, satellite, step.name + ".work")
-    if node != step_name:  # the queue in front of a pool
+    if node != step_name:  # the queue in front of a pool: results come back through it
         work = SocketPlan("work", "ROUTER", True, (work_address,))
-        return Plan(node, Role.QUEUE, satellite, (inbox, work, events))
-    if step.kind is Kind.POOL:
+        return Plan(node, Role.QUEUE, satellite, (inbox, work, *outs, events))
+    if step.kind is Kind.POOL:  # a worker talks to its queue only
         work = SocketPlan("work", "DEALER", False, (work_address,))
-        return Plan(node, Role.WORKER, satellite, (work, *outs, events))
+        return Plan(node, Role.WORKER, satellite, (work,))
     if step.kind is Kind.SOURCE:
         submit = SocketPlan(
             "submit", "DEALER", False, (ipc_address(topology, satellite, ORCHESTER),)

@@ -1205,9 +1205,7 @@ def one_satellite(write: Write, short_dir: str) -> Topology:
     return load_topology(write(f'[satellite.local]\nruntime_dir = "{short_dir}/rt"\n' + PIPELINE))
 
 
-def test_a_pool_worker_connects_to_its_queue_its_targets_and_the_tracker(
-    one_satellite: Topology, short_dir: str
-) -> None:
+def test_a_pool_worker_connects_to_its_queue_only(one_satellite: Topology, short_dir: str) -> None:
     plan = get_connection(one_satellite, "cpu", satellite=LOCAL)
     rt = f"ipc://{short_dir}/rt"
 
@@ -1215,9 +1213,7 @@ def test_a_pool_worker_connects_to_its_queue_its_targets_and_the_tracker(
     assert plan.socket("work").type == "DEALER"
     assert plan.socket("work").bind is False
     assert plan.socket("work").addresses == (f"{rt}/cpu.work",)
-    assert [(p.purpose, p.type, p.bind) for p in plan.outputs()] == [("out:csv", "DEALER", False)]
-    assert plan.socket("out:csv").addresses == (f"{rt}/csv.in",)
-    assert plan.socket("events").addresses == (f"{rt}/tracker.events",)
+    assert [p.purpose for p in plan.sockets] == ["work"]  # results go back through the queue
     assert not any(socket.bind for socket in plan.sockets)  # workers never bind
 
 
@@ -1233,6 +1229,9 @@ def test_a_pools_queue_binds_its_inbox_and_the_work_socket(
     assert (plan.socket("work").type, plan.socket("work").bind) == ("ROUTER", True)
     assert plan.socket("work").addresses == (f"{rt}/cpu.work",)
     assert (plan.socket("events").type, plan.socket("events").bind) == ("DEALER", False)
+    assert [(p.purpose, p.type, p.bind) for p in plan.outputs()] == [("out:csv", "DEALER", False)]
+    assert plan.socket("out:csv").addresses == (f"{rt}/csv.in",)
+    assert plan.socket("events").addresses == (f"{rt}/tracker.events",)
 
 
 def test_a_sink_binds_its_inbox(one_satellite: Topology, short_dir: str) -> None:
@@ -1307,7 +1306,7 @@ def test_every_address_a_node_connects_to_is_bound_by_one_node(
 def test_two_satellites_reach_each_other_over_tcp(write: Write, short_dir: str) -> None:
     topology = load_topology(write(TWO_SATELLITES.replace("RUNTIME", short_dir)))
 
-    s1 = get_connection(topology, "s1", satellite="a")
+    s1 = get_connection(topology, "s1.queue", satellite="a")
     (out,) = s1.outputs()
     assert out.purpose == "out:s2"
     assert (out.type, out.bind) == ("DEALER", False)
@@ -1342,7 +1341,7 @@ def test_an_explicit_step_port_is_the_port_of_its_inbox(write: Write, short_dir:
     )
     topology = load_topology(write(text))
 
-    (out,) = get_connection(topology, "s1", satellite="a").outputs()
+    (out,) = get_connection(topology, "s1.queue", satellite="a").outputs()
     assert out.addresses == ("tcp://127.0.0.2:9123",)
 
 

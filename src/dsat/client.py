@@ -1,0 +1,551 @@
+"""The client: submit tasks, follow them live, query their states, get their results.
+
+::
+
+    client = dsat.connect("topology.toml")
+    task_id = client.submit("cpu", {"host": "a"})
+    for event in client.status_for(task_id):     # live, ends with the task
+        print(event.event, event.step)
+    client.state(task_id)                         # a State
+    client.wait(task_id, timeout=10)              # the terminus' result
+
+A client is not thread-safe: give each thread its own (they are cheap).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+import msgpack
+import zmq
+
+from dsat.errors import DsatError, MessageError
+from dsat.message import (
+    DEFAULT_MAX_SIZE,
+    check_protocol,
+    configure,
+    control,
+    decode_control,
+    dumps,
+    loads,
+)
+from dsat.topology import ORCHESTER, TRACKER, Topology, get_connection, load_topology
+
+TERMINAL_STATES: Final = frozenset({"HAPPY_END", "FAILURE"})
+SUBMIT_CHUNK: Final = 1000
+
+
+class SubmitError(DsatError):
+    """A submission was refused: the step is unknown, the payload bad, or the pool saturated."""
+
+
+class SaturatedError(SubmitError):
+    """The pool stayed saturated (it pushed back) for longer than the submit timeout."""
+
+
+class UnreachableError(DsatError):
+    """The satellite did not answer in time: is ``dsat run`` running?"""
+
+
+class TaskFailedError(DsatError):
+    """The task ended in FAILURE; ``state`` says where and why."""
+
+    def __init__(self, state: State) -> None:
+        super().__init__(
+            f"task {state.task_id} failed at step {state.step} after {state.attempt} "
+            f"attempt(s): {state.error or 'no error message'}"
+        )
+        self.state = state
+
+
+class WaitTimeoutError(DsatError, TimeoutError):
+    """The task did not end within the time given."""
+
+
+@dataclass(frozen=True)
+class EventInfo:
+    """One event of a task, as the tracker stored and published it."""
+
+    task_id: str
+    tseq: int  # its number in the task's log
+    event: str
+    step: str
+    branch: int
+    seq: int
+    attempt: int
+    where: str
+    wid: str
+    pid: int
+    at: float
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    flag: str = ""  # "" | "duplicate" | "anomaly: ..."
+    state: str = ""  # the task's state after it (live events only)
+    over: bool = False  # did it end the task
+
+
+_EVENT_FIELDS: Final = {f.name for f in fields(EventInfo)}
+
+
+def _event(raw: Mapping[str, Any]) -> EventInfo:
+    values = {k: v for k, v in raw.items() if k in _EVENT_FIELDS}
+    return EventInfo(**values)
+
+
+@dataclass(frozen=True)
+class State:
+    """The static view of one task: where it is, how it went, its whole history."""
+
+    task_id: str
+    job_id: str
+    state: str  # an event name, or UNKNOWN when its fate is not known
+    step: str
+    attempt: int
+    error: str
+    created: float
+    updated: float
+    ended: float | None
+    anomalies: int = 0
+    duplicates: int = 0
+    last_known: str = ""  # what it last said, when state is UNKNOWN
+    history: tuple[EventInfo, ...] = ()
+    results: Mapping[str, Any] = field(default_factory=dict)  # terminus step -> value
+
+    @property
+    def over(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def result(self) -> Any:
+        """The terminus' result; a {step: result} mapping when several branches ended."""
+        if len(self.results) == 1:
+            return next(iter(self.results.values()))
+        return dict(self.results) if self.results else None
+
+
+def _state(raw: Mapping[str, Any], *, allow_pickle: bool) -> State:
+    task = raw["task"]
+    history = tuple(_event(e) for e in raw["events"])
+    results: dict[str, Any] = {}
+    for result in raw.get("results", []):
+        value = loads(result["data"], result["serialization"], allow_pickle=allow_pickle)
+        if result["step"] in results:  # two branches ended at the same step
+            previous = results[result["step"]]
+            results[result["step"]] = (
+                [*previous, value] if isinstance(previous, list) else [previous, value]
+            )
+        else:
+            results[result["step"]] = value
+    unknown = bool(task.get("unknown"))
+    return State(
+        task_id=task["task_id"],
+        job_id=task["job_id"],
+        state="UNKNOWN" if unknown else task["state"],
+        step=task["step"],
+        attempt=task["attempt"],
+        error=task["error"],
+        created=task["created"],
+        updated=task["updated"],
+        ended=task["ended"],
+        anomalies=task["anomalies"],
+        duplicates=task["duplicates"],
+        last_known=task["state"] if unknown else "",
+        history=history,
+        results=results,
+    )
+
+
+@dataclass(frozen=True)
+class TaskSummary:
+    """One line of ``Client.tasks()``."""
+
+    task_id: str
+    job_id: str
+    state: str
+    step: str
+    attempt: int
+    error: str
+    created: float
+    updated: float
+    ended: float | None
+
+
+def _summary(raw: Mapping[str, Any]) -> TaskSummary:
+    return TaskSummary(
+        task_id=raw["task_id"],
+        job_id=raw["job_id"],
+        state="UNKNOWN" if raw.get("unknown") else raw["state"],
+        step=raw["step"],
+        attempt=raw["attempt"],
+        error=raw["error"],
+        created=raw["created"],
+        updated=raw["updated"],
+        ended=raw["ended"],
+    )
+
+
+class Client:
+    """A connection to one satellite: its orchester (submit) and tracker (queries, live)."""
+
+    def __init__(
+        self,
+        *,
+        orchester: str,
+        tracker_query: str,
+        tracker_pub: str,
+        topology: Topology | None = None,
+        satellite: str = "",
+        timeout: float = 10.0,
+    ) -> None:
+        self.topology = topology
+        self.satellite = satellite
+        self.timeout = timeout
+        self.allow_pickle = bool(topology and topology.defaults.allow_pickle)
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._refs = itertools.count(1)
+        self._addresses = (orchester, tracker_query, tracker_pub)
+        self._submit = self._dealer(orchester)
+        self._query = self._dealer(tracker_query)
+        self._sub: zmq.Socket[bytes] | None = None
+
+    def _dealer(self, address: str) -> zmq.Socket[bytes]:
+        socket = self._context.socket(zmq.DEALER)
+        configure(socket, hwm=10_000, max_size=DEFAULT_MAX_SIZE)
+        socket.connect(address)
+        return socket
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the sockets; the client cannot be used after."""
+        self._context.destroy(linger=0)
+
+    # -- request/reply
+
+    def _request(
+        self,
+        socket: zmq.Socket[bytes],
+        kind: str,
+        body: dict[str, Any],
+        extra: Iterable[bytes] = (),
+        *,
+        timeout: float | None = None,
+        replies: frozenset[str],
+    ) -> Any:
+        ref = next(self._refs)
+        body = {**body, "ref": ref}
+        socket.send_multipart(control(kind, body, *extra))
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not socket.poll(int(left * 1000) + 1):
+                target = "orchester" if socket is self._submit else "tracker"
+                raise UnreachableError(
+                    f"no answer from the {target} of satellite {self.satellite or '?'} "
+                    f"within {self.timeout:g}s: is `dsat run` running?"
+                )
+            try:
+                reply = decode_control(socket.recv_multipart(), replies, max_extra=0)
+            except MessageError as exc:
+                raise DsatError(f"bad answer from the satellite: {exc}") from exc
+            if type(reply.body) is dict and reply.body.get("ref") == ref:
+                return reply
+
+    def ping(self, timeout: float | None = None) -> dict[str, Any]:
+        """Ask the orchester and the tracker who they are; UnreachableError if either is silent."""
+        welcome = self._request(
+            self._submit, "hello", {}, timeout=timeout, replies=frozenset({"welcome"})
+        )
+        reply = self._request(
+            self._query, "query", {"op": "hello"}, timeout=timeout, replies=frozenset({"reply"})
+        )
+        return {"orchester": welcome.body, "tracker": reply.body.get("result")}
+
+    def _query_op(self, op: str, **args: Any) -> Any:
+        reply = self._request(
+            self._query, "query", {"op": op, **args}, replies=frozenset({"reply"})
+        )
+        if not reply.body.get("ok"):
+            raise DsatError(f"tracker: {reply.body.get('error')}")
+        return reply.body.get("result")
+
+    # -- submitting
+
+    def submit(
+        self,
+        step: str,
+        payload: Any,
+        *,
+        job_id: str | None = None,
+        serialization: str = "msgpack",
+        timeout: float | None = None,
+    ) -> str:
+        """Submit one task to a step; return its task_id once the satellite has it for sure.
+
+        Raises:
+            SaturatedError: the step pushed back for longer than ``timeout``.
+            SubmitError: the step is unknown or the payload cannot be sent.
+        """
+        return self.submit_many(
+            step, [payload], job_id=job_id, serialization=serialization, timeout=timeout
+        )[0]
+
+    def submit_many(
+        self,
+        step: str,
+        payloads: Iterable[Any],
+        *,
+        job_id: str | None = None,
+        serialization: str = "msgpack",
+        timeout: float | None = None,
+    ) -> list[str]:
+        """Submit many tasks to a step, in chunks; return their task_ids in order."""
+        encoded = [dumps(p, serialization, allow_pickle=self.allow_pickle) for p in payloads]
+        task_ids: list[str] = []
+        for start in range(0, len(encoded), SUBMIT_CHUNK):
+            chunk = encoded[start : start + SUBMIT_CHUNK]
+            task_ids.extend(self._submit_chunk(step, chunk, job_id, serialization, timeout))
+        return task_ids
+
+    def _submit_chunk(
+        self,
+        step: str,
+        chunk: list[bytes],
+        job_id: str | None,
+        serialization: str,
+        timeout: float | None,
+    ) -> list[str]:
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        pause = 0.01
+        body = {"targets": [step], "job_id": job_id or "", "serialization": serialization}
+        while True:
+            left = max(0.1, deadline - time.monotonic())
+            reply = self._request(
+                self._submit,
+                "submit",
+                body,
+                chunk,
+                timeout=left,
+                replies=frozenset({"accepted", "refused"}),
+            )
+            if reply.kind == "accepted":
+                return list(reply.body["task_ids"])
+            reason = reply.body.get("reason", "refused")
+            if not reply.body.get("busy"):
+                raise SubmitError(f"submit to {step}: {reason}")
+            if time.monotonic() + pause > deadline:
+                raise SaturatedError(
+                    f"submit to {step}: still saturated after {limit:g}s ({reason})"
+                )
+            time.sleep(pause)  # backpressure: wait for room, a little longer each time
+            pause = min(0.5, pause * 2)
+
+    def retry(self, task_id: str) -> str:
+        """Send a failed task (a dead letter) again, from the step where it failed."""
+        letter = self._query_op("dead_letter", task_id=task_id)
+        if letter is None:
+            raise SubmitError(f"task {task_id} is not a dead letter (it did not fail, or is gone)")
+        body = {
+            k: letter[k]
+            for k in (
+                "task_id",
+                "job_id",
+                "origin",
+                "step",
+                "branch",
+                "seq",
+                "attempt",
+                "serialization",
+            )
+        }
+        reply = self._request(
+            self._submit,
+            "resend",
+            body,
+            [letter["payload"]],
+            replies=frozenset({"accepted", "refused"}),
+        )
+        if reply.kind != "accepted":
+            raise SubmitError(f"retry {task_id}: {reply.body.get('reason')}")
+        return task_id
+
+    # -- the static view
+
+    def state(self, task_id: str) -> State:
+        """The task's State: current state, step, attempts, error, timestamps, history.
+
+        Raises:
+            DsatError: no such task.
+        """
+        raw = self._query_op("state", task_id=task_id)
+        if raw is None:
+            raise DsatError(f"no task {task_id} on satellite {self.satellite or '?'}")
+        return _state(raw, allow_pickle=self.allow_pickle)
+
+    def tasks(
+        self,
+        *,
+        job_id: str | None = None,
+        step: str | None = None,
+        state: str | None = None,
+        stuck: bool = False,
+        limit: int = 100,
+    ) -> list[TaskSummary]:
+        """Tasks matching every given filter, newest first. ``stuck``: no progress past due."""
+        rows = self._query_op(
+            "tasks", job_id=job_id, step=step, state=state, stuck=stuck, limit=limit
+        )
+        return [_summary(row) for row in rows]
+
+    def load(self) -> dict[str, dict[str, Any]]:
+        """The live load of every node: queued, busy, idle, done/s, errors/s..."""
+        return dict(self._query_op("load"))
+
+    def stats(self) -> dict[str, Any]:
+        """The tracker's own figures: live tasks, events applied, malformed, anomalies."""
+        return dict(self._query_op("stats"))
+
+    # -- the dynamic view
+
+    def _subscriber(self) -> zmq.Socket[bytes]:
+        if self._sub is None:
+            self._sub = self._context.socket(zmq.SUB)
+            configure(self._sub, hwm=100_000)
+            self._sub.connect(self._addresses[2])
+        return self._sub
+
+    def status_for(self, task_id: str, *, timeout: float | None = None) -> Iterator[EventInfo]:
+        """The task's events, live, in order, each once, ending with the one that ends it.
+
+        Events from before the call come from the store; later ones from the live
+        stream; a gap in the stream (PUB drops under load) is filled from the store.
+
+        Raises:
+            WaitTimeoutError: ``timeout`` seconds passed before the task ended.
+        """
+        sub = self._subscriber()
+        topic = task_id.encode()
+        sub.setsockopt(zmq.SUBSCRIBE, topic)
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        last = 0
+        poll_every = 0.05
+        try:
+            while True:
+                # What the store has (at first, and whenever the stream is quiet: the
+                # subscription takes a moment to start, and PUB drops under load).
+                for event in self._stored_events(task_id, last):
+                    last = event.tseq
+                    yield event
+                if self._over_at(task_id, last):
+                    return
+                quiet_until = time.monotonic() + poll_every
+                while True:
+                    left = quiet_until - time.monotonic()
+                    if deadline is not None:
+                        if deadline - time.monotonic() <= 0:
+                            raise WaitTimeoutError(
+                                f"task {task_id} did not end within {timeout:g}s"
+                            )
+                        left = min(left, deadline - time.monotonic())
+                    if left <= 0 or not sub.poll(int(left * 1000) + 1):
+                        break
+                    live = self._read_live(sub)
+                    if live is None or live.task_id != task_id or live.tseq <= last:
+                        continue
+                    if live.tseq > last + 1:  # missed some: take them from the store
+                        for missed in self._stored_events(task_id, last):
+                            if missed.tseq >= live.tseq:
+                                break
+                            last = missed.tseq
+                            yield missed
+                    last = live.tseq
+                    yield live
+                    if live.over:
+                        return
+                    poll_every = 0.05
+                poll_every = min(1.0, poll_every * 2)
+        finally:
+            if self._sub is not None and not self._context.closed:
+                sub.setsockopt(zmq.UNSUBSCRIBE, topic)
+
+    def _stored_events(self, task_id: str, after: int) -> list[EventInfo]:
+        return [_event(e) for e in self._query_op("events", task_id=task_id, after=after)]
+
+    def _over_at(self, task_id: str, last: int) -> bool:
+        """Has the task ended, with ``last`` its latest event? (Stored events carry no state.)"""
+        raw = self._query_op("state", task_id=task_id)
+        if raw is None:
+            return False
+        task = raw["task"]
+        return task["ended"] is not None and task["events"] <= last
+
+    def _read_live(self, sub: zmq.Socket[bytes]) -> EventInfo | None:
+        frames = sub.recv_multipart()
+        if len(frames) != 3:
+            return None
+        try:
+            check_protocol(frames[1])
+            raw = msgpack.unpackb(frames[2], raw=False)
+            return _event(raw)
+        except (MessageError, ValueError, TypeError, msgpack.UnpackException):
+            return None
+
+    def wait(self, task_id: str, timeout: float = 10.0) -> Any:
+        """Wait for the task to end; return the terminus' result.
+
+        Raises:
+            TaskFailedError: it ended in FAILURE.
+            WaitTimeoutError: it did not end within ``timeout`` seconds.
+        """
+        for event in self.status_for(task_id, timeout=timeout):
+            if event.over:
+                break
+        state = self.state(task_id)
+        if not state.over:
+            # it ended per the stream, but the store lags? poll it until the deadline
+            deadline = time.monotonic() + 1.0
+            while not state.over and time.monotonic() < deadline:
+                time.sleep(0.01)
+                state = self.state(task_id)
+        if state.state == "FAILURE":
+            raise TaskFailedError(state)
+        return state.result
+
+
+def connect(
+    target: str | os.PathLike[str] | Topology, *, satellite: str = "", timeout: float = 10.0
+) -> Client:
+    """A Client for a satellite, from its topology file (or a loaded Topology).
+
+    The satellite defaults to the topology's first one. Its sockets are reached
+    over ipc when its runtime directory is on this machine, else over tcp.
+    """
+    topology = (
+        target if isinstance(target, Topology) else load_topology(target, check_imports=False)
+    )
+    satellite = satellite or next(iter(topology.satellites))
+    orchester = get_connection(topology, ORCHESTER, satellite=satellite)
+    tracker = get_connection(topology, TRACKER, satellite=satellite)
+    local = os.path.exists(os.path.join(topology.runtime_dir(satellite), ORCHESTER))
+
+    def pick(addresses: tuple[str, ...]) -> str:
+        wanted = "ipc://" if local else "tcp://"
+        return next((a for a in addresses if a.startswith(wanted)), addresses[0])
+
+    return Client(
+        orchester=pick(orchester.socket("submit").addresses),
+        tracker_query=pick(tracker.socket("query").addresses),
+        tracker_pub=pick(tracker.socket("pub").addresses),
+        topology=topology,
+        satellite=satellite,
+        timeout=timeout,
+    )

@@ -1,0 +1,235 @@
+"""A router's journal: what it accepted and what it reported, kept until it is safe to forget.
+
+Every router (a pool's queue, a sink, a router step, the orchester) appends to
+its journal, in one write per cycle and *before* anything of that cycle leaves
+the process (acks upstream, tasks downstream, events to the tracker):
+
+- ``accept``: a task it acknowledged, with its frames;
+- ``attempt``: it started try N of a task (handed it to a worker, or ran it);
+- ``finished``: try N ended in ERROR or TIMEOUT, and the task waits for try N + 1;
+- ``forward``: the task's function returned; here is what goes to which next step;
+- ``done``: a task it has handed on (downstream acknowledged) or ended;
+- ``events``: event records it will report, numbered by ``eseq``;
+- ``confirmed``: the tracker stored every event up to an ``eseq``.
+
+A router restarted after a crash (SIGKILL included: written bytes are in the
+page cache) replays its journal: accepted tasks not done go back to its queue,
+and events not confirmed are sent again. The journal is rewritten compactly at
+every start and whenever it grows past a bound.
+
+Not covered: the machine itself crashing before the page cache reaches the
+disk (no fsync on the hot path; see docs/reliability.md).
+
+File format: a sequence of records, each a 4-byte big-endian length followed by
+a msgpack array ``[kind, ...]``. A truncated last record (a crash mid-write) is
+ignored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import msgpack
+
+from dsat.errors import DsatError, MessageError
+from dsat.message import EventRecord, record_from_row
+
+Key = tuple[str, int, int]  # task_id, branch, seq: one task at one hop
+_LENGTH: Final = struct.Struct(">I")
+COMPACT_BYTES: Final = 64 * 1024 * 1024
+
+
+class JournalError(DsatError):
+    """The journal cannot be read or written (disk full, permissions...)."""
+
+
+Forward = tuple[str, list[bytes]]  # target step, frames of the task message
+
+
+@dataclass
+class Entry:
+    """One live task as the journal knows it."""
+
+    frames: list[bytes]
+    attempt: int = 0  # last try started (0: never)
+    finished: int = 0  # last try that ended in ERROR/TIMEOUT
+    forwards: list[Forward] | None = None  # set once its function returned
+
+
+@dataclass
+class Replay:
+    """What a journal held: the epoch, live tasks, events not yet confirmed."""
+
+    epoch: int = 0
+    tasks: dict[Key, Entry] = field(default_factory=dict)  # in accept order
+    events: list[tuple[int, EventRecord]] = field(default_factory=list)  # (eseq, record)
+    next_eseq: int = 1
+    confirmed: int = 0
+
+
+class Journal:
+    """Append-only log of one router, replayed at start."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._pending: list[bytes] = []
+        self._fd = -1
+        self.size = 0
+
+    # -- reading
+
+    def replay(self) -> Replay:
+        """Read the journal (if any) into what must survive; tolerate a torn last record."""
+        found = Replay()
+        try:
+            with open(self.path, "rb") as file:
+                data = file.read()
+        except FileNotFoundError:
+            return found
+        except OSError as exc:
+            raise JournalError(f"cannot read journal {self.path}: {exc}") from exc
+        offset = 0
+        while offset + 4 <= len(data):
+            (length,) = _LENGTH.unpack_from(data, offset)
+            if offset + 4 + length > len(data):
+                break  # torn write at the end: the process died mid-append
+            try:
+                item = msgpack.unpackb(data[offset + 4 : offset + 4 + length], raw=False)
+                _apply(found, item)
+            except (ValueError, TypeError, MessageError, msgpack.UnpackException):
+                break  # garbage from here on: keep what came before
+            offset += 4 + length
+        return found
+
+    # -- writing
+
+    def open(self, replay: Replay) -> None:
+        """Start a fresh file holding only what ``replay`` still needs, then append to it."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        self.rewrite(replay.epoch, replay.tasks.items(), replay.events, replay.confirmed)
+
+    def rewrite(
+        self,
+        epoch: int,
+        tasks: Iterable[tuple[Key, Entry]],
+        events: Iterable[tuple[int, EventRecord]],
+        confirmed: int,
+    ) -> None:
+        """Replace the file atomically by a compact one (live tasks and pending events only)."""
+        self._pending.clear()
+        self.mark_epoch(epoch)
+        self.confirm(confirmed)
+        for key, entry in tasks:
+            self.accept(key, entry.frames)
+            if entry.attempt:
+                self.attempt(key, entry.attempt)
+            if entry.finished:
+                self.finished(key, entry.finished)
+            if entry.forwards is not None:
+                self.forward(key, entry.forwards)
+        self.events(list(events))
+        temporary = self.path + ".new"
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            with open(temporary, "wb") as file:
+                file.write(data)
+            os.replace(temporary, self.path)
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise JournalError(f"cannot write journal {self.path}: {exc}") from exc
+        self.size = len(data)
+
+    def mark_epoch(self, epoch: int) -> None:
+        self._append(["epoch", epoch])
+
+    def accept(self, key: Key, frames: Sequence[bytes]) -> None:
+        self._append(["accept", list(key), [bytes(f) for f in frames]])
+
+    def attempt(self, key: Key, attempt: int) -> None:
+        self._append(["attempt", list(key), attempt])
+
+    def finished(self, key: Key, attempt: int) -> None:
+        self._append(["finished", list(key), attempt])
+
+    def forward(self, key: Key, forwards: Sequence[Forward]) -> None:
+        self._append(["forward", list(key), [[t, [bytes(f) for f in fr]] for t, fr in forwards]])
+
+    def done(self, key: Key) -> None:
+        self._append(["done", list(key)])
+
+    def events(self, numbered: Sequence[tuple[int, EventRecord]]) -> None:
+        if numbered:
+            self._append(["events", [[eseq, *record.as_list()] for eseq, record in numbered]])
+
+    def confirm(self, eseq: int) -> None:
+        self._append(["confirmed", eseq])
+
+    def _append(self, item: list[Any]) -> None:
+        packed = msgpack.packb(item, use_bin_type=True)
+        self._pending.append(_LENGTH.pack(len(packed)) + packed)
+
+    def flush(self) -> None:
+        """Write what this cycle appended, in one system call, before anything is sent."""
+        if not self._pending:
+            return
+        data = b"".join(self._pending)
+        self._pending.clear()
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError as exc:
+            raise JournalError(f"cannot append to journal {self.path}: {exc}") from exc
+        self.size += len(data)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            with contextlib.suppress(OSError):
+                self.flush()
+            os.close(self._fd)
+            self._fd = -1
+
+
+def _apply(found: Replay, item: Any) -> None:
+    kind = item[0]
+    if kind == "epoch":
+        found.epoch = int(item[1])
+    elif kind == "accept":
+        found.tasks[_key(item[1])] = Entry([bytes(f) for f in item[2]])
+    elif kind in ("attempt", "finished", "forward"):
+        entry = found.tasks.get(_key(item[1]))
+        if entry is None:
+            return  # a record of a task already done
+        if kind == "attempt":
+            entry.attempt = int(item[2])
+        elif kind == "finished":
+            entry.finished = int(item[2])
+        else:
+            entry.forwards = [(str(t), [bytes(f) for f in fr]) for t, fr in item[2]]
+    elif kind == "done":
+        found.tasks.pop(_key(item[1]), None)
+    elif kind == "events":
+        for row in item[1]:
+            eseq = int(row[0])
+            found.events.append((eseq, record_from_row(0, list(row[1:]))))
+            found.next_eseq = max(found.next_eseq, eseq + 1)
+    elif kind == "confirmed":
+        found.confirmed = max(found.confirmed, int(item[1]))
+        found.events = [(e, r) for e, r in found.events if e > found.confirmed]
+        found.next_eseq = max(found.next_eseq, found.confirmed + 1)
+    else:
+        raise ValueError(f"unknown journal record {kind!r}")
+
+
+def _key(raw: Any) -> Key:
+    task_id, branch, seq = raw
+    return (str(task_id), int(branch), int(seq))

@@ -1,0 +1,123 @@
+"""Run one node of a satellite: the process circus starts for a router, a worker, a tracker...
+
+``python -m dsat.node --topology PATH --satellite NAME --node NODE [--wid WID]``
+
+The process dies with its supervisor (Linux ``PR_SET_PDEATHSIG``), so killing
+``dsat run`` or its arbiter, even with SIGKILL, leaves no orphan. SIGTERM asks
+it to stop gracefully: a worker finishes the task at hand, a router refuses new
+tasks and hands on what it holds, the tracker writes what it has read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, Final, Protocol
+
+import zmq
+
+from dsat.errors import DsatError
+from dsat.topology import ORCHESTER, QUEUE_SUFFIX, TRACKER, Kind, load_topology
+
+log = logging.getLogger("dsat.node")
+
+PR_SET_PDEATHSIG: Final = 1
+SUPERVISOR_ENV: Final = "DSAT_SUPERVISOR_PID"
+
+
+def die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` when our parent dies; exit now if it already has."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: nothing to ask for
+        return
+    if parent and os.getppid() != parent:
+        os._exit(1)  # the parent died before prctl: we are already an orphan
+
+
+class Runnable(Protocol):
+    def run(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def build(args: argparse.Namespace, context: zmq.Context[zmq.Socket[bytes]]) -> Runnable:
+    """The object that plays this node's part."""
+    topology = load_topology(args.topology, check_imports=False)
+    satellite = args.satellite
+    journal_dir = os.path.join(topology.state_dir(satellite), "journal")
+    node = args.node
+    if node == ORCHESTER:
+        from dsat.orchester import Orchester
+
+        return Orchester(topology, satellite=satellite, context=context, journal_dir=journal_dir)
+    if node == TRACKER:
+        from dsat.store import open_store
+        from dsat.tracker import Tracker
+
+        store = open_store(topology.store_url(satellite))
+        return Tracker(topology, satellite=satellite, context=context, store=store)
+    step = topology.steps[node.removesuffix(QUEUE_SUFFIX)]
+    if step.kind is Kind.SOURCE:
+        from dsat.orchester import Source
+
+        return Source(topology, step.name, satellite=satellite, context=context)
+    if step.kind is Kind.POOL and not node.endswith(QUEUE_SUFFIX):
+        from dsat.worker import Worker
+
+        return Worker(
+            topology, step.name, satellite=satellite, wid=args.wid or node, context=context
+        )
+    from dsat.router import make_router
+
+    return make_router(
+        topology, node, satellite=satellite, context=context, journal_dir=journal_dir
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dsat.node", description="Run one node of a satellite (circus does)."
+    )
+    parser.add_argument("--topology", required=True)
+    parser.add_argument("--satellite", required=True)
+    parser.add_argument("--node", required=True)
+    parser.add_argument("--wid", default="")
+    args = parser.parse_args(argv)
+    die_with_parent(int(os.environ.get(SUPERVISOR_ENV, "0") or 0))
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format=f"%(asctime)s {args.node}[{os.getpid()}] %(levelname)s %(message)s",
+    )
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        runnable = build(args, context)
+    except DsatError as exc:
+        log.error("cannot start: %s", exc)
+        return 2
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("stopping (signal %d)", signum)
+        runnable.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        runnable.run()
+    except DsatError as exc:
+        log.error("stopped: %s", exc)
+        return 1
+    finally:
+        context.destroy(linger=0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,466 @@
+"""The orchester (a satellite's entry router) and sources (steps that create tasks).
+
+The orchester takes submissions from clients and sources, gives each task its
+``task_id``, journals it, answers at once, and hands the task to its first
+step(s) like any router: until they acknowledge it, it is the orchester's.
+
+Conversation on its ``submit`` socket (control messages):
+
+- ``submit`` ``{"ref", "targets", "job_id", "serialization", "source"}`` + one
+  payload frame per task -> ``accepted {"ref", "task_ids"}`` or
+  ``refused {"ref", "reason", "busy"}``;
+- ``resend`` (a dead letter sent again by ``dsat retry``) -> ``accepted``;
+- ``hello`` -> ``welcome {"satellite", "protocol", "steps"}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import secrets
+import time
+from typing import Any, Final
+
+import zmq
+
+from dsat.errors import MessageError
+from dsat.fsm import ROOT, Event
+from dsat.journal import Entry, Key
+from dsat.message import (
+    PROTOCOL,
+    SERIALIZATIONS,
+    Envelope,
+    configure,
+    control,
+    decode,
+    decode_control,
+    dumps,
+    encode,
+    field_of,
+)
+from dsat.router import Context, FixedPoint, Pending, child_branch
+from dsat.topology import ORCHESTER, Kind, Topology, get_connection, resolve_call
+from dsat.worker import Task, conditions_of, state_wrapper
+
+log = logging.getLogger("dsat.orchester")
+
+MAX_SUBMIT: Final = 10_000  # tasks in one submit message
+REQUESTS: Final = frozenset({"submit", "resend", "hello"})
+
+
+class TaskIds:
+    """Task ids that sort by creation time and never repeat: ms clock, instance tag, counter."""
+
+    def __init__(self) -> None:
+        self.tag = secrets.token_hex(2)
+        self.counter = itertools.count(secrets.randbelow(1 << 20))
+
+    def __call__(self) -> str:
+        return f"{int(time.time() * 1000):012x}{self.tag}{next(self.counter) & 0xFFFFFF:06x}"
+
+
+class Orchester(FixedPoint):
+    """The entry router: gives tasks their ids and sends them to their first steps."""
+
+    role = "orchester"
+
+    def __init__(
+        self, topology: Topology, *, satellite: str, context: Context, journal_dir: str
+    ) -> None:
+        super().__init__(
+            topology, ORCHESTER, satellite=satellite, context=context, journal_dir=journal_dir
+        )
+        self.submit = context.socket(zmq.ROUTER)
+        configure(
+            self.submit, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size
+        )
+        for address in self.plan.socket("submit").addresses:
+            self.submit.bind(address)
+        self.poller.register(self.submit, zmq.POLLIN)
+        self.new_id = TaskIds()
+        self.capacity = topology.defaults.max_queue
+        self.forwarding: dict[Key, list[bytes]] = {}  # task key -> its INIT frames
+        for key, entry in self.replayed.tasks.items():
+            self.forwarding[key] = entry.frames
+            for target, frames in entry.forwards or []:
+                envelope = decode(frames).envelope
+                child = (envelope.task_id, envelope.branch, envelope.seq)
+                self.outbox.add(Pending(child, key, target, frames))
+            if not entry.forwards:
+                self.forwarded(key)
+        self.replayed.tasks.clear()
+
+    @property
+    def step_name(self) -> str:
+        return ""
+
+    def live_entries(self) -> list[tuple[Key, Entry]]:
+        return [
+            (
+                key,
+                Entry(
+                    frames,
+                    forwards=[
+                        (p.target, p.frames)
+                        for p in self.outbox.pending.values()
+                        if p.parent == key
+                    ],
+                ),
+            )
+            for key, frames in self.forwarding.items()
+        ]
+
+    def forwarded(self, key: Key) -> None:
+        if self.forwarding.pop(key, None) is not None:
+            self.journal.done(key)
+            self.counters.done += 1
+
+    # -- requests
+
+    def read_submit(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self.submit.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer, frames = frames[0], frames[1:]
+            ref: Any = None
+            try:
+                message = decode_control(
+                    frames,
+                    REQUESTS,
+                    max_extra=MAX_SUBMIT,
+                    max_size=self.topology.defaults.max_message_size,
+                )
+                ref = message.body.get("ref") if type(message.body) is dict else None
+                if message.kind == "submit":
+                    reply = self.on_submit(message.body, message.extra)
+                elif message.kind == "resend":
+                    reply = self.on_resend(message.body, message.extra)
+                else:
+                    reply = self.hello()
+            except MessageError as exc:
+                self.malformed("submit", exc)
+                reply = ("refused", {"reason": str(exc), "busy": False})
+            kind, body = reply
+            body["ref"] = ref if type(ref) in (int, str) else None
+            self.send(self.submit, [peer, *control(kind, body)])
+
+    def on_submit(self, body: Any, payloads: tuple[bytes, ...]) -> tuple[str, dict[str, Any]]:
+        targets = field_of(body, "targets", list, "submit")
+        source = body.get("source") or ""
+        job_id = body.get("job_id") or ""
+        serialization = body.get("serialization") or "msgpack"
+        if type(source) is not str or type(job_id) is not str or len(job_id) > 128:
+            raise MessageError("submit: source and job_id must be short strings")
+        if serialization not in SERIALIZATIONS:
+            raise MessageError(f"submit: unknown serialization {serialization!r:.20}")
+        if serialization == "pickle" and not self.topology.defaults.allow_pickle:
+            raise MessageError("submit: pickle payloads are not enabled on this satellite")
+        if not targets or not all(type(t) is str for t in targets):
+            raise MessageError("submit: need the name of at least one step")
+        for target in targets:
+            if target not in self.outbox.sockets:
+                known = ", ".join(sorted(self.outbox.sockets))
+                raise MessageError(f"submit: no step {target!r:.40} to submit to (steps: {known})")
+        if source:
+            linked = {link.target for link in self.topology.links_from(source)}
+            if source not in self.topology.steps or not set(targets) <= linked:
+                raise MessageError(f"submit: {source!r:.40} is not a source linked to {targets}")
+        if not payloads:
+            raise MessageError("submit: no payload")
+        if self.stopping:
+            return "refused", {"reason": "the satellite is stopping", "busy": True}
+        if len(self.forwarding) + len(payloads) > self.capacity:
+            self.counters.refused += len(payloads)
+            return "refused", {
+                "reason": f"saturated: {len(self.forwarding)} tasks wait for their first step",
+                "busy": True,
+            }
+        task_ids = [
+            self.create(payload, targets, job_id, serialization, source) for payload in payloads
+        ]
+        return "accepted", {"task_ids": task_ids}
+
+    def create(
+        self, payload: bytes, targets: list[str], job_id: str, serialization: str, source: str
+    ) -> str:
+        task_id = self.new_id()
+        now = time.time()
+        envelope = Envelope(
+            task_id=task_id,
+            job_id=job_id or task_id,
+            seq=0,
+            step=source,
+            next=targets[0],
+            event=Event.INIT,
+            where=self.satellite,
+            origin=self.satellite,
+            wid=self.wid,
+            pid=self.pid,
+            attempt=1,
+            branch=ROOT,
+            timestamps={"created": now},
+            serialization=serialization,
+        )
+        frames = encode(envelope, payload)
+        key = (task_id, ROOT, 0)
+        self.counters.accepted += 1
+        self.event(envelope, Event.INIT, next=list(targets))
+        self.forwarding[key] = frames
+        forwards = self.send_on(envelope, payload, key, list(targets))
+        self.journal.accept(key, frames)
+        self.journal.forward(key, forwards)
+        return task_id
+
+    def send_on(
+        self, envelope: Envelope, payload: bytes, key: Key, targets: list[str]
+    ) -> list[tuple[str, list[bytes]]]:
+        """SEND to each first step (a fan-out when there are several)."""
+        if len(targets) == 1:
+            branches = [envelope.branch]
+        else:
+            branches = [
+                child_branch(envelope.task_id, envelope.branch, envelope.seq, target, i)
+                for i, target in enumerate(targets)
+            ]
+        forwards = []
+        for target, branch in zip(targets, branches, strict=True):
+            child = Envelope(
+                task_id=envelope.task_id,
+                job_id=envelope.job_id,
+                seq=envelope.seq + 1,
+                step=envelope.step,
+                next=target,
+                event=Event.SEND,
+                where=self.satellite,
+                origin=envelope.origin,
+                wid=self.wid,
+                pid=self.pid,
+                attempt=1,
+                branch=branch,
+                timestamps={
+                    "created": envelope.timestamps.get("created", time.time()),
+                    "sent": time.time(),
+                },
+                serialization=envelope.serialization,
+            )
+            frames = encode(child, payload)
+            detail: dict[str, Any] = {"next": [target]}
+            if len(targets) > 1:
+                detail.update(parent=envelope.branch, children=branches)
+            self.event(child, Event.SEND, **detail)
+            self.outbox.add(Pending((child.task_id, child.branch, child.seq), key, target, frames))
+            forwards.append((target, frames))
+        return forwards
+
+    def on_resend(self, body: Any, extra: tuple[bytes, ...]) -> tuple[str, dict[str, Any]]:
+        """Send a dead letter again: RETRY, then SEND to the step where it failed."""
+        task_id = field_of(body, "task_id", str, "resend")
+        step = field_of(body, "step", str, "resend")
+        if step not in self.outbox.sockets or len(extra) != 1:
+            raise MessageError(f"resend: no step {step!r:.40}, or not exactly one payload")
+        envelope = Envelope(
+            task_id=task_id,
+            job_id=field_of(body, "job_id", str, "resend"),
+            seq=field_of(body, "seq", int, "resend") + 1,
+            step=step,
+            next=step,
+            event=Event.RETRY,
+            where=self.satellite,
+            origin=field_of(body, "origin", str, "resend") or self.satellite,
+            wid=self.wid,
+            pid=self.pid,
+            attempt=field_of(body, "attempt", int, "resend") + 1,
+            branch=field_of(body, "branch", int, "resend"),
+            timestamps={"created": time.time()},
+            serialization=field_of(body, "serialization", str, "resend"),
+        )
+        key = (task_id, envelope.branch, envelope.seq)
+        if key in self.forwarding:
+            return "accepted", {"task_ids": [task_id]}
+        frames = encode(envelope, extra[0])
+        self.event(envelope, Event.RETRY, next=[step])
+        self.forwarding[key] = frames
+        forwards = self.send_on(envelope, extra[0], key, [step])
+        self.journal.accept(key, frames)
+        self.journal.forward(key, forwards)
+        return "accepted", {"task_ids": [task_id]}
+
+    def hello(self) -> tuple[str, dict[str, Any]]:
+        steps = {name: str(step.kind) for name, step in self.topology.steps.items()}
+        return "welcome", {"satellite": self.satellite, "protocol": str(PROTOCOL), "steps": steps}
+
+    # -- the loop
+
+    def run(self) -> None:
+        try:
+            while not (self.stopping and self.drained()):
+                now = time.monotonic()
+                ready = dict(self.poller.poll(int(self.next_timeout(now) * 1000)))
+                if self.events_socket in ready:
+                    self.read_events_socket()
+                for socket in self.outbox.sockets.values():
+                    if socket in ready:
+                        self.read_outbox(socket)
+                if self.submit in ready:
+                    self.read_submit()
+                self.report_load(time.monotonic())
+                self.commit()
+        finally:
+            self.commit()
+            self.close()
+
+    def drained(self) -> bool:
+        return not self.forwarding and (
+            not self.reporter.unconfirmed or time.monotonic() - self.reporter.sent_at > 3.0
+        )
+
+    def load(self) -> dict[str, Any]:
+        report = super().load()
+        report.update(queued=len(self.forwarding), held=0)
+        return report
+
+    def close(self) -> None:
+        super().close()
+        self.submit.close(linger=0)
+
+
+# ---------------------------------------------------------------------------
+# sources
+
+
+class Source:
+    """A step that creates a task every ``every`` seconds, on a clock that does not drift."""
+
+    def __init__(
+        self, topology: Topology, step_name: str, *, satellite: str, context: Context
+    ) -> None:
+        self.topology = topology
+        self.step = topology.steps[step_name]
+        assert self.step.kind is Kind.SOURCE
+        self.satellite = satellite
+        self.func = (
+            state_wrapper(resolve_call(self.step.call, topology.python_path))
+            if self.step.call
+            else None
+        )
+        self.conditions = conditions_of(topology, step_name)
+        plan = get_connection(topology, step_name, satellite=satellite)
+        self.socket = context.socket(zmq.DEALER)
+        configure(self.socket, hwm=16, max_size=topology.defaults.max_message_size)
+        for address in plan.socket("submit").addresses:
+            self.socket.connect(address)
+        self.events = context.socket(zmq.DEALER)
+        configure(self.events, hwm=16)
+        for address in plan.socket("events").addresses:
+            self.events.connect(address)
+        self.stopping = False
+        self.ticks = 0
+        self.sent = 0
+        self.skipped = 0
+        self.errors = 0
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def run(self) -> None:
+        start = time.monotonic()
+        tick = 0
+        while not self.stopping:
+            due = start + tick * self.step.every
+            now = time.monotonic()
+            if now < due:
+                self._wait_replies(due)
+                continue
+            missed = int((now - due) // self.step.every)
+            if missed:  # the machine stalled: skip the ticks that passed, do not burst
+                self.skipped += missed
+                tick += missed
+            self.emit(tick)
+            tick += 1
+            self.report()
+        self.socket.close(linger=0)
+        self.events.close(linger=0)
+
+    def emit(self, tick: int) -> None:
+        self.ticks += 1
+        task = Task(
+            task_id="",
+            job_id=self.step.name,
+            step=self.step.name,
+            attempt=1,
+            satellite=self.satellite,
+            options=self.step.options,
+        )
+        try:
+            value = self.func(tick, task) if self.func else {"tick": tick, "at": time.time()}
+            if value is None:
+                return
+            payload = dumps(
+                value, self.step.serialization, allow_pickle=self.topology.defaults.allow_pickle
+            )
+            targets = [
+                target
+                for target, condition in self.conditions
+                if condition is None or condition(value, task)
+            ]
+        except Exception as exc:  # the user's source function failed: skip this tick
+            self.errors += 1
+            log.warning("%s: tick %d failed: %s: %s", self.step.name, tick, type(exc).__name__, exc)
+            return
+        if not targets:
+            return
+        body = {
+            "ref": tick,
+            "targets": targets,
+            "job_id": self.step.name,
+            "serialization": self.step.serialization,
+            "source": self.step.name,
+        }
+        try:
+            self.socket.send_multipart(control("submit", body, payload), zmq.NOBLOCK)
+            self.sent += 1
+        except zmq.Again:
+            self.skipped += 1  # the orchester is not taking anything: skip, count
+
+    def _wait_replies(self, until: float) -> None:
+        timeout = max(0.0, until - time.monotonic())
+        if not self.socket.poll(int(timeout * 1000) + 1):
+            return
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                reply = decode_control(frames, frozenset({"accepted", "refused"}))
+            except MessageError as exc:
+                log.warning("%s: bad reply from the orchester: %s", self.step.name, exc)
+                continue
+            if reply.kind == "refused":
+                self.skipped += 1
+                self.sent -= 1
+                log.warning(
+                    "%s: tick refused: %s",
+                    self.step.name,
+                    reply.body.get("reason") if type(reply.body) is dict else reply.body,
+                )
+
+    def report(self) -> None:
+        body = {
+            "node": self.step.name,
+            "step": self.step.name,
+            "role": "source",
+            "satellite": self.satellite,
+            "pid": os.getpid(),
+            "ticks": self.ticks,
+            "sent": self.sent,
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "at": time.time(),
+        }
+        with contextlib.suppress(zmq.Again):  # the next report says the same, and more
+            self.events.send_multipart(control("load", body), zmq.NOBLOCK)

@@ -1,0 +1,1224 @@
+"""Routers: the fixed points of a satellite.
+
+A router binds its inbox, accepts tasks from upstream, and is responsible for
+each task it accepted until the next step has accepted it in turn:
+
+- the **queue** in front of a pool hands each task to a worker that announced
+  credit, round robin, knows which worker holds which task, and gives a task to
+  another worker when the first one dies or runs past its timeout;
+- a **sink** runs its function itself, in its single process;
+- a **router step** forwards each task along its links.
+
+Every cycle, a router reads what arrived, decides, appends its decisions to its
+journal in one write, and only then sends anything (acks upstream, tasks to
+workers and downstream, events to the tracker). A router killed at any point
+therefore restarts with every task it had acknowledged, and every event it had
+not yet seen confirmed (see :mod:`dsat.journal`).
+
+Conversations (control messages, see :mod:`dsat.message`):
+
+- inbox: a task message in; ``ack`` (its keys) or ``busy`` (its keys) back;
+- work: ``credit`` / ``result`` / ``bye`` from workers; task messages to them;
+- out: task messages to the next step's inbox; ``ack`` / ``busy`` back;
+- events: ``events`` batches and ``load`` reports to the tracker; ``confirm`` back.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import heapq
+import logging
+import os
+import secrets
+import signal
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
+
+import zmq
+
+from dsat.errors import MessageError
+from dsat.fsm import Event
+from dsat.journal import Entry, Forward, Journal, Key
+from dsat.message import (
+    Envelope,
+    EventRecord,
+    configure,
+    control,
+    decode,
+    decode_control,
+    dumps,
+    encode,
+    field_of,
+    loads,
+    pack_records,
+)
+from dsat.topology import Kind, Pattern, Plan, Step, Topology, get_connection
+from dsat.worker import Attempt, Task, conditions_of, function_of, run_attempt
+
+log = logging.getLogger("dsat.router")
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+ACK_TIMEOUT: Final = 5.0  # a forward not acknowledged by then is sent again
+CONFIRM_TIMEOUT: Final = 2.0  # events not confirmed by then are sent again
+KILL_GRACE: Final = 1.0  # a worker past its task's timeout by this much is killed
+LOAD_EVERY: Final = 1.0  # seconds between load reports
+MAX_BATCH: Final = 2000  # events per batch, messages read per socket per cycle
+RECENT: Final = 100_000  # keys of finished tasks remembered, to refuse duplicates
+MAX_BACKOFF: Final = 60.0
+
+
+def child_branch(task_id: str, parent: int, seq: int, target: str, index: int) -> int:
+    """A fanned-out branch's id: the same for the same fork, so a redone fork is recognised."""
+    digest = hashlib.blake2b(
+        f"{task_id}\0{parent}\0{seq}\0{target}\0{index}".encode(), digest_size=8
+    ).digest()
+    return int.from_bytes(digest, "big") >> 1 or 2
+
+
+def backoff_delay(step: Step, attempt: int) -> float:
+    """Seconds to wait before try ``attempt + 1``: doubled at each try, at most a minute."""
+    return float(min(MAX_BACKOFF, step.backoff * 2 ** max(0, attempt - 1)))
+
+
+# ---------------------------------------------------------------------------
+# reporting events to the tracker
+
+
+class Reporter:
+    """Numbers events, has them journaled, sends them in batches until the tracker confirms."""
+
+    def __init__(
+        self,
+        socket: zmq.Socket[bytes],
+        journal: Journal,
+        producer: str,
+        epoch: int,
+        next_eseq: int,
+        pending: list[tuple[int, EventRecord]],
+    ) -> None:
+        self.socket = socket
+        self.journal = journal
+        self.producer = producer
+        self.epoch = epoch
+        self.next_eseq = next_eseq
+        self.unconfirmed: collections.deque[tuple[int, EventRecord]] = collections.deque(pending)
+        self.fresh: list[tuple[int, EventRecord]] = []
+        self.sent_upto = 0  # highest eseq sent since the last (re)send started
+        self.sent_at = 0.0
+
+    def add(self, record: EventRecord) -> None:
+        self.fresh.append((self.next_eseq, record))
+        self.next_eseq += 1
+
+    def journal_fresh(self) -> None:
+        """Append this cycle's events to the journal (before the cycle's sends)."""
+        if self.fresh:
+            self.journal.events(self.fresh)
+            self.unconfirmed.extend(self.fresh)
+            self.fresh = []
+
+    def send(self, now: float) -> None:
+        """Send what was not sent yet; everything unconfirmed again after CONFIRM_TIMEOUT."""
+        if not self.unconfirmed:
+            return
+        if now - self.sent_at > CONFIRM_TIMEOUT and self.sent_upto:
+            self.sent_upto = 0  # the tracker may have restarted: go back to the first
+        batch = [(e, r) for e, r in self.unconfirmed if e > self.sent_upto][:MAX_BATCH]
+        if not batch:
+            return
+        meta = {"producer": self.producer, "epoch": self.epoch, "first": batch[0][0]}
+        try:
+            self.socket.send_multipart(
+                control("events", meta, pack_records([r for _, r in batch])), zmq.NOBLOCK
+            )
+        except zmq.Again:
+            return  # the tracker is not keeping up; the next cycle tries again
+        self.sent_upto = batch[-1][0]
+        self.sent_at = now
+
+    def confirmed(self, upto: int, now: float, *, gap: bool = False) -> None:
+        if gap:  # the tracker dropped a batch after a gap: send again from what it has
+            self.sent_upto = min(self.sent_upto, upto)
+        if not self.unconfirmed or upto < self.unconfirmed[0][0]:
+            return
+        while self.unconfirmed and self.unconfirmed[0][0] <= upto:
+            self.unconfirmed.popleft()
+        self.journal.confirm(upto)
+        self.sent_at = now
+
+    @property
+    def backlog(self) -> int:
+        return len(self.unconfirmed) + len(self.fresh)
+
+
+# ---------------------------------------------------------------------------
+# handing tasks on to the next steps
+
+
+@dataclass(slots=True)
+class Pending:
+    """A task message sent to a next step, not yet acknowledged."""
+
+    key: Key  # the child's key (task_id, branch, seq)
+    parent: Key  # the task of this router it came from
+    target: str
+    frames: list[bytes]
+    due: float = 0.0  # when to (re)send
+    tries: int = 0
+
+
+class Outbox:
+    """One DEALER per next step; sends until the receiver acknowledges, backs off when busy."""
+
+    def __init__(self, context: Context, plan: Plan, topology: Topology) -> None:
+        self.sockets: dict[str, zmq.Socket[bytes]] = {}
+        self.patterns: dict[str, Pattern] = {}
+        self.pending: dict[Key, Pending] = {}
+        self.by_parent: dict[Key, set[Key]] = {}
+        for out in plan.outputs():
+            target = out.purpose.removeprefix("out:")
+            socket = context.socket(zmq.DEALER)
+            configure(
+                socket, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size
+            )
+            socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to peers that are connected
+            for address in out.addresses:
+                socket.connect(address)
+            self.sockets[target] = socket
+            self.patterns[target] = out.pattern
+
+    def add(self, pending: Pending) -> None:
+        self.pending[pending.key] = pending
+        self.by_parent.setdefault(pending.parent, set()).add(pending.key)
+
+    def flush(self, now: float) -> None:
+        """Send every pending message that is due."""
+        for item in self.pending.values():
+            if item.due > now:
+                continue
+            try:
+                self.sockets[item.target].send_multipart(item.frames, zmq.NOBLOCK)
+            except zmq.Again:
+                item.due = now + 0.05  # no connected peer or a full pipe: try a bit later
+                continue
+            item.tries += 1
+            item.due = now + ACK_TIMEOUT
+
+    def acked(self, key: Key) -> Key | None:
+        """Forget an acknowledged message; return its parent when that was its last child."""
+        item = self.pending.pop(key, None)
+        if item is None:
+            return None
+        children = self.by_parent.get(item.parent)
+        if children is not None:
+            children.discard(key)
+            if not children:
+                del self.by_parent[item.parent]
+                return item.parent
+        return None
+
+    def busy(self, key: Key, now: float) -> None:
+        item = self.pending.get(key)
+        if item is not None:
+            item.due = now + min(1.0, 0.01 * 2 ** min(item.tries, 7))
+
+    def next_due(self) -> float:
+        return min((p.due for p in self.pending.values()), default=float("inf"))
+
+    def close(self) -> None:
+        for socket in self.sockets.values():
+            socket.close(linger=0)
+
+
+# ---------------------------------------------------------------------------
+# the common part of every router
+
+
+@dataclass(slots=True)
+class Item:
+    """A task this router accepted and is responsible for."""
+
+    key: Key
+    envelope: Envelope
+    payload: bytes
+    frames: list[bytes]
+    attempt: int = 1
+    state: str = "queued"  # queued | held | waiting (retry) | forwarding
+    worker: bytes = b""
+    since: float = 0.0  # monotonic time it was handed to a worker
+    killed: bool = False
+
+
+@dataclass
+class Counters:
+    """What a router counts for its load report."""
+
+    accepted: int = 0
+    done: int = 0
+    errors: int = 0
+    failed: int = 0
+    duplicates: int = 0
+    refused: int = 0
+    malformed: int = 0
+    durations: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=512)
+    )
+
+
+class FixedPoint:
+    """The machinery every router shares: journal, events, outbox, the cycle."""
+
+    role = "router"
+
+    def __init__(
+        self,
+        topology: Topology,
+        node: str,
+        *,
+        satellite: str,
+        context: Context,
+        journal_dir: str,
+    ) -> None:
+        self.topology = topology
+        self.node = node
+        self.satellite = satellite
+        self.context = context
+        self.plan = get_connection(topology, node, satellite=satellite)
+        self.wid = node
+        self.pid = os.getpid()
+        self.stopping = False
+        self.counters = Counters()
+        self.poller = zmq.Poller()
+        self.outgoing: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
+        self.timers: list[tuple[float, int, Key]] = []  # (due, order, key): retries
+        self._order = 0
+        self.recent: collections.OrderedDict[Key, None] = collections.OrderedDict()
+        self.last_load = 0.0
+        self.malformed_logged = 0.0
+
+        self.journal = Journal(os.path.join(journal_dir, f"{node}.journal"))
+        replay = self.journal.replay()
+        epoch = replay.epoch or secrets.randbelow(2**31) + 1
+        replay.epoch = epoch
+        self.journal.open(replay)
+        self.replayed = replay
+
+        events = context.socket(zmq.DEALER)
+        configure(events, hwm=100_000, max_size=topology.defaults.max_message_size)
+        for address in self.plan.socket("events").addresses:
+            events.connect(address)
+        self.events_socket = events
+        self.reporter = Reporter(
+            events, self.journal, f"{satellite}/{node}", epoch, replay.next_eseq, replay.events
+        )
+        self.poller.register(events, zmq.POLLIN)
+        self.outbox = Outbox(context, self.plan, topology)
+        for socket in self.outbox.sockets.values():
+            self.poller.register(socket, zmq.POLLIN)
+
+    # -- events
+
+    def event(
+        self,
+        envelope: Envelope,
+        event: Event,
+        *,
+        seq: int | None = None,
+        attempt: int | None = None,
+        branch: int | None = None,
+        wid: str = "",
+        pid: int = 0,
+        **detail: Any,
+    ) -> None:
+        self.reporter.add(
+            EventRecord(
+                task_id=envelope.task_id,
+                job_id=envelope.job_id,
+                branch=envelope.branch if branch is None else branch,
+                seq=envelope.seq if seq is None else seq,
+                attempt=envelope.attempt if attempt is None else attempt,
+                event=event,
+                step=self.step_name,
+                where=self.satellite,
+                origin=envelope.origin,
+                wid=wid or self.wid,
+                pid=pid or self.pid,
+                at=time.time(),
+                detail=detail,
+            )
+        )
+
+    @property
+    def step_name(self) -> str:
+        return self.node.split(".", 1)[0]
+
+    def malformed(self, where: str, exc: MessageError) -> None:
+        """Count a bad message and log it, at most once a second."""
+        self.counters.malformed += 1
+        now = time.monotonic()
+        if now - self.malformed_logged > 1.0:
+            self.malformed_logged = now
+            log.warning(
+                "%s: malformed message on %s (%d so far): %s",
+                self.node,
+                where,
+                self.counters.malformed,
+                exc,
+            )
+
+    # -- the cycle
+
+    def send(self, socket: zmq.Socket[bytes], frames: list[bytes]) -> None:
+        """Queue a message; it leaves after this cycle's journal write."""
+        self.outgoing.append((socket, frames))
+
+    def commit(self) -> None:
+        """Journal first, then send: nothing leaves that a restart would not remember."""
+        now = time.monotonic()
+        self.reporter.journal_fresh()
+        self.journal.flush()
+        for socket, frames in self.outgoing:
+            try:
+                socket.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # an ack or busy a peer will ask for again; tasks are resent by timers
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+        self.outgoing.clear()
+        self.outbox.flush(now)
+        self.reporter.send(now)
+        if self.journal.size > 64 * 1024 * 1024:
+            self.compact()
+
+    def compact(self) -> None:
+        """Rewrite the journal with only what is still live."""
+        entries = self.live_entries()
+        self.journal.rewrite(
+            self.reporter.epoch,
+            entries,
+            list(self.reporter.unconfirmed),
+            self.reporter.unconfirmed[0][0] - 1
+            if self.reporter.unconfirmed
+            else self.reporter.next_eseq - 1,
+        )
+
+    def live_entries(self) -> list[tuple[Key, Entry]]:
+        return []
+
+    def remember(self, key: Key) -> None:
+        self.recent[key] = None
+        if len(self.recent) > RECENT:
+            self.recent.popitem(last=False)
+
+    def read_events_socket(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.events_socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode_control(frames, frozenset({"confirm"}))
+                upto = field_of(message.body, "upto", int, "confirm")
+                epoch = field_of(message.body, "epoch", int, "confirm")
+                gap = bool(message.body.get("gap", False))
+            except MessageError as exc:
+                self.malformed("events", exc)
+                continue
+            if epoch == self.reporter.epoch:
+                self.reporter.confirmed(upto, time.monotonic(), gap=gap)
+
+    def read_outbox(self, socket: zmq.Socket[bytes]) -> None:
+        now = time.monotonic()
+        for _ in range(MAX_BATCH):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode_control(frames, frozenset({"ack", "busy"}))
+                keys = _keys(message.body)
+            except MessageError as exc:
+                self.malformed("out", exc)
+                continue
+            for key in keys:
+                if message.kind == "ack":
+                    parent = self.outbox.acked(key)
+                    if parent is not None:
+                        self.forwarded(parent)
+                else:
+                    self.outbox.busy(key, now)
+
+    def forwarded(self, key: Key) -> None:
+        """Every next step acknowledged what this task became: it is off our hands."""
+
+    def load(self) -> dict[str, Any]:
+        c = self.counters
+        durations = sorted(c.durations)
+        return {
+            "node": self.node,
+            "step": self.step_name,
+            "role": self.role,
+            "satellite": self.satellite,
+            "pid": self.pid,
+            "accepted": c.accepted,
+            "done": c.done,
+            "errors": c.errors,
+            "failed": c.failed,
+            "duplicates": c.duplicates,
+            "refused": c.refused,
+            "malformed": c.malformed,
+            "forwarding": len(self.outbox.pending),
+            "events_backlog": self.reporter.backlog,
+            "mean": sum(durations) / len(durations) if durations else 0.0,
+            "p95": durations[int(len(durations) * 0.95)] if durations else 0.0,
+            "at": time.time(),
+        }
+
+    def report_load(self, now: float) -> None:
+        if now - self.last_load < LOAD_EVERY:
+            return
+        self.last_load = now
+        # a busy tracker misses this one; the next report carries the same counters
+        with contextlib.suppress(zmq.Again):
+            self.events_socket.send_multipart(control("load", self.load()), zmq.NOBLOCK)
+
+    def next_timeout(self, now: float) -> float:
+        due = min(
+            self.outbox.next_due(),
+            self.timers[0][0] if self.timers else float("inf"),
+            self.last_load + LOAD_EVERY,
+            self.reporter.sent_at + CONFIRM_TIMEOUT if self.reporter.unconfirmed else float("inf"),
+        )
+        return max(0.0, min(0.25, due - now))
+
+    def schedule(self, due: float, key: Key) -> None:
+        self._order += 1
+        heapq.heappush(self.timers, (due, self._order, key))
+
+    def due_timers(self, now: float) -> list[Key]:
+        ready = []
+        while self.timers and self.timers[0][0] <= now:
+            ready.append(heapq.heappop(self.timers)[2])
+        return ready
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        self.journal.close()
+        self.outbox.close()
+        self.events_socket.close(linger=0)
+
+
+def _keys(body: Any) -> list[Key]:
+    if type(body) is not list or len(body) > 100_000:
+        raise MessageError("keys: need a list")
+    keys = []
+    for raw in body:
+        if (
+            type(raw) is not list
+            or len(raw) != 3
+            or type(raw[0]) is not str
+            or type(raw[1]) is not int
+            or type(raw[2]) is not int
+        ):
+            raise MessageError("keys: need [task_id, branch, seq] items")
+        keys.append((raw[0], raw[1], raw[2]))
+    return keys
+
+
+# ---------------------------------------------------------------------------
+# routers with an inbox: queues, sinks, router steps
+
+
+class Router(FixedPoint):
+    """A router with an inbox: accepts tasks, runs them (somehow), forwards what they become."""
+
+    def __init__(self, topology: Topology, node: str, **kwargs: Any) -> None:
+        super().__init__(topology, node, **kwargs)
+        self.step_def = topology.steps[self.step_name]
+        self.items: dict[Key, Item] = {}
+        self.queue: collections.deque[Key] = collections.deque()
+        self.inbox = self.context.socket(zmq.ROUTER)
+        configure(
+            self.inbox, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size
+        )
+        for address in self.plan.socket("in").addresses:
+            self.inbox.bind(address)
+        self.poller.register(self.inbox, zmq.POLLIN)
+        self.acks: dict[bytes, list[list[Any]]] = {}
+        self.busies: dict[bytes, list[list[Any]]] = {}
+        self._restore()
+
+    # -- start after a crash
+
+    def _restore(self) -> None:
+        """Put back every task the journal says we still had."""
+        for key, entry in self.replayed.tasks.items():
+            try:
+                vector = decode(entry.frames)
+            except MessageError:
+                continue
+            item = Item(key, vector.envelope, vector.payload, entry.frames)
+            self.items[key] = item
+            if entry.forwards is not None:
+                item.state = "forwarding"
+                self._resend(item, entry.forwards)
+            elif entry.attempt and entry.finished < entry.attempt:
+                item.attempt = entry.attempt
+                self.counters.errors += 1
+                self.event(
+                    item.envelope,
+                    Event.ERROR,
+                    attempt=entry.attempt,
+                    error=f"lost: {self.node} restarted while try {entry.attempt} ran",
+                )
+                self.failed_attempt(item, "lost in a restart")
+            else:
+                item.attempt = max(1, entry.finished + 1) if entry.finished else 1
+                self.queue.append(key)
+        if self.replayed.tasks:
+            log.info("%s: resumed %d task(s) from its journal", self.node, len(self.items))
+        self.replayed.tasks.clear()
+
+    def _resend(self, item: Item, forwards: list[Forward]) -> None:
+        if not forwards:
+            self.forwarded(item.key)
+            return
+        for target, frames in forwards:
+            envelope = decode(frames).envelope
+            child = (envelope.task_id, envelope.branch, envelope.seq)
+            self.outbox.add(Pending(child, item.key, target, frames))
+
+    def live_entries(self) -> list[tuple[Key, Entry]]:
+        entries = []
+        for key, item in self.items.items():
+            entry = Entry(item.frames, attempt=item.attempt if item.state == "held" else 0)
+            if item.state == "waiting":
+                entry.attempt = entry.finished = item.attempt - 1
+            elif item.state == "forwarding":
+                entry.forwards = [
+                    (p.target, p.frames) for p in self.outbox.pending.values() if p.parent == key
+                ]
+            entries.append((key, entry))
+        return entries
+
+    # -- the inbox
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.step_def.max_queue or self.stopping
+
+    def read_inbox(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.inbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            peer, frames = frames[0], frames[1:]
+            try:
+                vector = decode(frames, max_size=self.topology.defaults.max_message_size)
+            except MessageError as exc:
+                self.malformed("in", exc)
+                continue
+            envelope = vector.envelope
+            key = (envelope.task_id, envelope.branch, envelope.seq)
+            if key in self.items or key in self.recent:
+                self.counters.duplicates += 1
+                self.acks.setdefault(peer, []).append(list(key))
+                continue
+            if self.full:
+                self.counters.refused += 1
+                self.busies.setdefault(peer, []).append(list(key))
+                continue
+            self.counters.accepted += 1
+            item = Item(key, envelope, vector.payload, frames, attempt=1)
+            self.items[key] = item
+            self.journal.accept(key, frames)
+            self.event(envelope, Event.ACK, attempt=1)
+            self.acks.setdefault(peer, []).append(list(key))
+            self.accepted(item)
+        for peer, keys in self.acks.items():
+            self.send(self.inbox, [peer, *control("ack", keys)])
+        for peer, keys in self.busies.items():
+            self.send(self.inbox, [peer, *control("busy", keys)])
+        self.acks.clear()
+        self.busies.clear()
+
+    def accepted(self, item: Item) -> None:
+        """A new task: queue it for a worker (queues, sinks); router steps forward it at once."""
+        self.queue.append(item.key)
+
+    # -- outcomes
+
+    def ended(
+        self,
+        item: Item,
+        value: bytes,
+        serialization: str,
+        targets: tuple[str, ...],
+        elapsed: float,
+        *,
+        wid: str = "",
+        pid: int = 0,
+    ) -> None:
+        """The function returned: END, then hand its value to each chosen next step."""
+        envelope = item.envelope
+        self.counters.durations.append(elapsed)
+        children = self.children(item, targets)
+        detail: dict[str, Any] = {"elapsed": elapsed}
+        if len(children) > 1 or not children:
+            detail["children"] = [branch for _, branch in children]
+        self.event(envelope, Event.END, attempt=item.attempt, wid=wid, pid=pid, **detail)
+        if not children:
+            self.happy_end(item, value, serialization, wid=wid, pid=pid)
+            return
+        forwards = self.forward(item, value, serialization, children)
+        self.journal.forward(item.key, forwards)
+
+    def children(self, item: Item, targets: tuple[str, ...]) -> list[tuple[str, int]]:
+        """(target, branch) per next step: the same branch, or new ones for a fan-out."""
+        if len(targets) == 1:
+            return [(targets[0], item.envelope.branch)]
+        envelope = item.envelope
+        return [
+            (target, child_branch(envelope.task_id, envelope.branch, envelope.seq, target, i))
+            for i, target in enumerate(targets)
+        ]
+
+    def forward(
+        self, item: Item, value: bytes, serialization: str, children: list[tuple[str, int]]
+    ) -> list[Forward]:
+        envelope = item.envelope
+        item.state = "forwarding"
+        forwards: list[Forward] = []
+        fork = [branch for _, branch in children] if len(children) > 1 else []
+        created = envelope.timestamps.get("created", 0.0)
+        for target, branch in children:
+            child = Envelope(
+                task_id=envelope.task_id,
+                job_id=envelope.job_id,
+                seq=envelope.seq + 1,
+                step=self.step_name,
+                next=target,
+                event=Event.SEND,
+                where=self.satellite,
+                origin=envelope.origin,
+                wid=self.wid,
+                pid=self.pid,
+                attempt=1,
+                branch=branch,
+                timestamps={"created": created, "sent": time.time()},
+                serialization=serialization,
+            )
+            frames = encode(child, value)
+            forwards.append((target, frames))
+            detail: dict[str, Any] = {"next": [target]}
+            if fork:
+                detail.update(parent=envelope.branch, children=fork)
+            self.event(child, Event.SEND, **detail)
+            self.outbox.add(
+                Pending((child.task_id, child.branch, child.seq), item.key, target, frames)
+            )
+        return forwards
+
+    def forwarded(self, key: Key) -> None:
+        self.finish(key)
+
+    def happy_end(
+        self, item: Item, value: bytes, serialization: str, *, wid: str = "", pid: int = 0
+    ) -> None:
+        detail: dict[str, Any] = {"serialization": serialization}
+        limit = self.topology.store.max_result_size
+        if len(value) <= limit:
+            detail["result"] = value
+        else:
+            detail["reason"] = f"result of {len(value)} bytes not kept (limit {limit})"
+        self.event(item.envelope, Event.HAPPY_END, attempt=item.attempt, wid=wid, pid=pid, **detail)
+        self.finish(item.key)
+
+    def failed_attempt(self, item: Item, error: str) -> None:
+        """A try ended in ERROR or TIMEOUT (already reported): try again later, or give up."""
+        if item.attempt <= self.step_def.retries:
+            item.state = "waiting"
+            self.journal.finished(item.key, item.attempt)
+            item.attempt += 1
+            self.schedule(
+                time.monotonic() + backoff_delay(self.step_def, item.attempt - 1), item.key
+            )
+            return
+        self.give_up(item, error)
+
+    def give_up(self, item: Item, error: str) -> None:
+        """FAILURE: the task ends here, kept as a dead letter (payload and last error)."""
+        self.counters.failed += 1
+        self.event(
+            item.envelope,
+            Event.FAILURE,
+            attempt=item.attempt,
+            error=error,
+            payload=item.payload,
+            serialization=item.envelope.serialization,
+        )
+        self.finish(item.key)
+
+    def finish(self, key: Key) -> None:
+        item = self.items.pop(key, None)
+        if item is None:
+            return
+        self.counters.done += 1
+        self.journal.done(key)
+        self.remember(key)
+
+    def retry_due(self, now: float) -> None:
+        for key in self.due_timers(now):
+            item = self.items.get(key)
+            if item is not None and item.state == "waiting":
+                item.state = "queued"
+                self.queue.appendleft(key)
+
+    # -- the loop
+
+    def run(self) -> None:
+        try:
+            while not (self.stopping and self.drained()):
+                now = time.monotonic()
+                ready = dict(self.poller.poll(int(self.next_timeout(now) * 1000)))
+                self.read(ready)
+                now = time.monotonic()
+                self.retry_due(now)
+                self.tick(now)
+                self.dispatch()
+                self.report_load(now)
+                self.commit()
+        finally:
+            self.commit()
+            self.close()
+
+    def read(self, ready: dict[Any, int]) -> None:
+        if self.events_socket in ready:
+            self.read_events_socket()
+        for socket in self.outbox.sockets.values():
+            if socket in ready:
+                self.read_outbox(socket)
+        if self.inbox in ready:
+            self.read_inbox()
+
+    def tick(self, now: float) -> None:
+        """Time-driven work of a router kind (timeouts of held tasks...)."""
+
+    def dispatch(self) -> None:
+        """Start queued tasks (on workers, inline...)."""
+
+    def drained(self) -> bool:
+        """May a stopping router exit? When nothing it started is still running."""
+        return not any(i.state == "forwarding" for i in self.items.values()) and (
+            not self.reporter.unconfirmed or time.monotonic() - self.reporter.sent_at > 3.0
+        )
+
+    def load(self) -> dict[str, Any]:
+        report = super().load()
+        states = collections.Counter(item.state for item in self.items.values())
+        report.update(queued=states["queued"] + states["waiting"], held=states["held"])
+        return report
+
+    def close(self) -> None:
+        super().close()
+        self.inbox.close(linger=0)
+
+
+# ---------------------------------------------------------------------------
+# the queue in front of a pool
+
+
+@dataclass
+class WorkerInfo:
+    """A worker of the pool, as its queue knows it."""
+
+    identity: bytes
+    pid: int
+    wid: str
+    pidfd: int = -1
+    credit: int = 0
+    held: set[Key] = field(default_factory=set)
+    leaving: bool = False
+
+
+class QueueRouter(Router):
+    """The implicit router in front of a pool: round robin over workers that have credit."""
+
+    role = "queue"
+
+    def __init__(self, topology: Topology, node: str, **kwargs: Any) -> None:
+        super().__init__(topology, node, **kwargs)
+        self.work = self.context.socket(zmq.ROUTER)
+        configure(self.work, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size)
+        self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker is an error, not a drop
+        for address in self.plan.socket("work").addresses:
+            self.work.bind(address)
+        self.poller.register(self.work, zmq.POLLIN)
+        self.workers: dict[bytes, WorkerInfo] = {}
+        self.by_pidfd: dict[int, bytes] = {}
+        self.ready: collections.deque[bytes] = collections.deque()
+
+    def read(self, ready: dict[Any, int]) -> None:
+        super().read(ready)
+        if self.work in ready:
+            self.read_work()
+        for fd, identity in list(self.by_pidfd.items()):
+            if fd in ready:
+                self.worker_died(identity)
+
+    def read_work(self) -> None:
+        for _ in range(MAX_BATCH):
+            try:
+                frames = self.work.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            identity, frames = frames[0], frames[1:]
+            try:
+                message = decode_control(
+                    frames,
+                    frozenset({"credit", "result", "bye"}),
+                    max_size=self.topology.defaults.max_message_size,
+                )
+                if message.kind == "credit":
+                    self.credit(identity, message.body)
+                elif message.kind == "result":
+                    self.result(identity, message.body, message.extra)
+                else:
+                    self.bye(identity)
+            except MessageError as exc:
+                self.malformed("work", exc)
+
+    def credit(self, identity: bytes, body: Any) -> None:
+        free = field_of(body, "free", int, "credit")
+        pid = field_of(body, "pid", int, "credit")
+        wid = field_of(body, "wid", str, "credit")
+        worker = self.workers.get(identity)
+        if worker is None:
+            worker = WorkerInfo(identity, pid, wid)
+            try:
+                worker.pidfd = os.pidfd_open(pid)
+            except OSError as exc:
+                raise MessageError(f"credit from pid {pid}, which is not running: {exc}") from exc
+            self.workers[identity] = worker
+            self.by_pidfd[worker.pidfd] = identity
+            self.poller.register(worker.pidfd, zmq.POLLIN)
+            log.info("%s: worker %s (pid %d) joined", self.node, wid, pid)
+        if worker.held or worker.leaving:
+            return  # it is busy by our count; a heartbeat must not add credit twice
+        missing = max(0, min(free, 1024) - worker.credit)
+        worker.credit += missing
+        self.ready.extend([identity] * missing)
+
+    def result(self, identity: bytes, body: Any, extra: tuple[bytes, ...]) -> None:
+        raw_key = field_of(body, "key", list, "result")
+        (key,) = _keys([raw_key])
+        attempt = field_of(body, "attempt", int, "result")
+        status = field_of(body, "status", str, "result")
+        error = field_of(body, "error", str, "result")
+        elapsed = float(field_of(body, "elapsed", (float, int), "result"))
+        serialization = field_of(body, "serialization", str, "result")
+        targets = tuple(field_of(body, "targets", list, "result"))
+        if status not in ("END", "ERROR", "TIMEOUT") or not all(type(t) is str for t in targets):
+            raise MessageError(f"result: bad status {status!r:.20} or targets")
+        if set(targets) - set(self.outbox.sockets):
+            raise MessageError(f"result: unknown next step in {targets!r:.80}")
+        worker = self.workers.get(identity)
+        if worker is not None:
+            worker.held.discard(key)
+            if not worker.leaving:
+                worker.credit += 1
+                self.ready.append(identity)
+        item = self.items.get(key)
+        if (
+            item is None
+            or item.state != "held"
+            or item.attempt != attempt
+            or (item.worker != identity)
+        ):
+            self.counters.duplicates += 1  # a stale answer (the task went to another worker)
+            return
+        wid = worker.wid if worker else ""
+        pid = worker.pid if worker else 0
+        item.worker = b""
+        if status == "END":
+            self.ended(
+                item, extra[0] if extra else b"", serialization, targets, elapsed, wid=wid, pid=pid
+            )
+            return
+        self.counters.errors += 1
+        event = Event.ERROR if status == "ERROR" else Event.TIMEOUT
+        self.event(
+            item.envelope,
+            event,
+            attempt=item.attempt,
+            wid=wid,
+            pid=pid,
+            error=error,
+            elapsed=elapsed,
+        )
+        self.failed_attempt(item, error)
+
+    def bye(self, identity: bytes) -> None:
+        worker = self.workers.get(identity)
+        if worker is None:
+            return
+        worker.leaving = True
+        worker.credit = 0
+        self.ready = collections.deque(i for i in self.ready if i != identity)
+
+    def worker_died(self, identity: bytes) -> None:
+        worker = self.workers.pop(identity)
+        self.poller.unregister(worker.pidfd)
+        del self.by_pidfd[worker.pidfd]
+        os.close(worker.pidfd)
+        self.ready = collections.deque(i for i in self.ready if i != identity)
+        if not worker.leaving:
+            log.warning("%s: worker %s (pid %d) died", self.node, worker.wid, worker.pid)
+        now = time.monotonic()
+        for key in sorted(worker.held):
+            item = self.items.get(key)
+            if item is None or item.state != "held":
+                continue
+            item.worker = b""
+            elapsed = now - item.since
+            self.counters.errors += 1
+            if elapsed >= self.step_def.timeout:
+                error = f"ran past its timeout of {self.step_def.timeout:g}s; worker killed"
+                event = Event.TIMEOUT
+            else:
+                error = f"worker {worker.wid} (pid {worker.pid}) died during the task"
+                event = Event.ERROR
+            self.event(
+                item.envelope,
+                event,
+                attempt=item.attempt,
+                wid=worker.wid,
+                pid=worker.pid,
+                error=error,
+                elapsed=elapsed,
+            )
+            self.failed_attempt(item, error)
+
+    def dispatch(self) -> None:
+        if len(self.outbox.pending) >= self.step_def.max_queue:
+            return  # downstream is full: hold on to what we have, push back upstream
+        while self.queue and self.ready:
+            identity = self.ready.popleft()
+            worker = self.workers.get(identity)
+            if worker is None or worker.leaving or worker.credit <= 0:
+                continue
+            key = self.queue.popleft()
+            item = self.items.get(key)
+            if item is None or item.state != "queued":
+                self.ready.appendleft(identity)
+                continue
+            envelope = item.envelope
+            if item.attempt != envelope.attempt:
+                envelope = _with_attempt(envelope, item.attempt)
+                item.envelope = envelope
+                item.frames = encode(envelope, item.payload)
+            try:
+                self.work.send_multipart([identity, *item.frames], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                self.queue.appendleft(key)  # it left meanwhile; its pidfd will tell
+                continue
+            worker.credit -= 1
+            worker.held.add(key)
+            item.state = "held"
+            item.worker = identity
+            item.since = time.monotonic()
+            item.killed = False
+            self.journal.attempt(key, item.attempt)
+            self.event(
+                envelope,
+                Event.START,
+                attempt=item.attempt,
+                wid=worker.wid,
+                pid=worker.pid,
+                deadline=time.time() + self.step_def.timeout + KILL_GRACE,
+            )
+
+    def tick(self, now: float) -> None:
+        limit = self.step_def.timeout + KILL_GRACE
+        for worker in self.workers.values():
+            for key in worker.held:
+                item = self.items.get(key)
+                if item is not None and not item.killed and now - item.since > limit:
+                    item.killed = True
+                    log.warning(
+                        "%s: worker %s (pid %d) is %.1fs past the timeout; killing it",
+                        self.node,
+                        worker.wid,
+                        worker.pid,
+                        now - item.since,
+                    )
+                    with contextlib.suppress(ProcessLookupError):  # gone: its pidfd tells
+                        os.kill(worker.pid, signal.SIGKILL)
+
+    def drained(self) -> bool:
+        return super().drained() and not any(w.held for w in self.workers.values())
+
+    def load(self) -> dict[str, Any]:
+        report = super().load()
+        alive = [w for w in self.workers.values() if not w.leaving]
+        report.update(
+            workers=len(alive),
+            busy=sum(1 for w in alive if w.held),
+            idle=sum(1 for w in alive if not w.held),
+        )
+        return report
+
+    def close(self) -> None:
+        super().close()
+        for worker in self.workers.values():
+            os.close(worker.pidfd)
+        self.work.close(linger=0)
+
+
+def _with_attempt(envelope: Envelope, attempt: int) -> Envelope:
+    return replace(envelope, attempt=attempt)
+
+
+# ---------------------------------------------------------------------------
+# a sink: one process that runs its function itself
+
+
+class SinkRouter(Router):
+    """A single-process step: its router runs the function inline, one task at a time."""
+
+    role = "sink"
+
+    def __init__(self, topology: Topology, node: str, **kwargs: Any) -> None:
+        super().__init__(topology, node, **kwargs)
+        self.func = function_of(topology, self.step_def)
+        self.conditions = conditions_of(topology, self.step_name)
+
+    def dispatch(self) -> None:
+        if len(self.outbox.pending) >= self.step_def.max_queue:
+            return
+        # a few at a time, so acks and events keep flowing between them
+        for _ in range(32):
+            if not self.queue:
+                return
+            item = self.items.get(self.queue.popleft())
+            if item is None or item.state != "queued":
+                continue
+            self.run_inline(item)
+
+    def run_inline(self, item: Item) -> None:
+        item.state = "held"
+        self.journal.attempt(item.key, item.attempt)
+        self.event(
+            item.envelope,
+            Event.START,
+            attempt=item.attempt,
+            deadline=time.time() + self.step_def.timeout + KILL_GRACE,
+        )
+        self.reporter.journal_fresh()
+        self.journal.flush()  # a crash inside the function must find this try journaled
+        envelope = item.envelope
+        task = _task_of(self, item)
+        allow_pickle = self.topology.defaults.allow_pickle
+        try:
+            value = loads(item.payload, envelope.serialization, allow_pickle=allow_pickle)
+        except MessageError as exc:
+            outcome = Attempt("ERROR", error=f"payload: {exc}")
+        else:
+            outcome = run_attempt(self.func, value, task, self.step_def.timeout, self.conditions)
+        data = b""
+        if outcome.status == "END":
+            try:
+                data = dumps(outcome.value, self.step_def.serialization, allow_pickle=allow_pickle)
+            except MessageError as exc:
+                outcome = Attempt("ERROR", error=f"result: {exc}", elapsed=outcome.elapsed)
+        if outcome.status == "END":
+            self.ended(item, data, self.step_def.serialization, outcome.targets, outcome.elapsed)
+            return
+        self.counters.errors += 1
+        event = Event.ERROR if outcome.status == "ERROR" else Event.TIMEOUT
+        self.event(
+            envelope, event, attempt=item.attempt, error=outcome.error, elapsed=outcome.elapsed
+        )
+        self.failed_attempt(item, outcome.error)
+
+
+def _task_of(router: Router, item: Item) -> Task:
+    envelope = item.envelope
+    return Task(
+        task_id=envelope.task_id,
+        job_id=envelope.job_id,
+        step=router.step_name,
+        attempt=item.attempt,
+        satellite=router.satellite,
+        options=router.step_def.options,
+        branch=envelope.branch,
+    )
+
+
+# ---------------------------------------------------------------------------
+# a router step: forwards along its links
+
+
+class ForwardRouter(Router):
+    """A router step: no function; each task goes on along every link whose condition holds."""
+
+    role = "router"
+
+    def __init__(self, topology: Topology, node: str, **kwargs: Any) -> None:
+        super().__init__(topology, node, **kwargs)
+        self.conditions = conditions_of(topology, self.step_name)
+
+    def dispatch(self) -> None:
+        while self.queue:
+            item = self.items.get(self.queue.popleft())
+            if item is None or item.state != "queued":
+                continue
+            targets: list[str] = []
+            error = ""
+            try:
+                value = loads(
+                    item.payload,
+                    item.envelope.serialization,
+                    allow_pickle=self.topology.defaults.allow_pickle,
+                )
+                task = _task_of(self, item)
+                for target, condition in self.conditions:
+                    if condition is None or condition(value, task):
+                        targets.append(target)
+            except MessageError as exc:
+                error = f"payload: {exc}"
+            except Exception as exc:  # a user's condition failed: the task fails here
+                error = f"condition: {type(exc).__name__}: {exc}"
+            if error:
+                self.counters.errors += 1
+                self.event(item.envelope, Event.ERROR, attempt=item.attempt, error=error)
+                self.give_up(item, error)  # a condition will not change its mind: no retry
+                continue
+            children = self.children(item, tuple(targets))
+            if not children:
+                self.happy_end(item, item.payload, item.envelope.serialization)
+                continue
+            forwards = self.forward(item, item.payload, item.envelope.serialization, children)
+            self.journal.forward(item.key, forwards)
+
+
+ROUTERS: Final[dict[Kind, type[Router]]] = {
+    Kind.POOL: QueueRouter,
+    Kind.SINK: SinkRouter,
+    Kind.ROUTER: ForwardRouter,
+}
+
+
+def make_router(topology: Topology, node: str, **kwargs: Any) -> Router:
+    """The router a node needs: ``<pool>.queue``, a sink, or a router step."""
+    step_name = node.split(".", 1)[0]
+    kind = topology.steps[step_name].kind
+    return ROUTERS[kind](topology, node, **kwargs)

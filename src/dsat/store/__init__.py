@@ -1,0 +1,159 @@
+"""The status store: where task states, event logs, results and dead letters live.
+
+One interface, :class:`Store`, with SQLite as the default backend (embedded, no
+server). The tracker is the only writer; it writes one :class:`Batch` per
+transaction, so a batch lands whole or not at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from dsat.errors import DsatError
+
+
+class StoreError(DsatError):
+    """The store cannot be opened, read or written; the text says which and why."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    """The latest state of one task."""
+
+    task_id: str
+    job_id: str
+    origin: str
+    state: str  # an Event name; HAPPY_END and FAILURE are final
+    step: str
+    attempt: int
+    error: str
+    created: float
+    updated: float
+    ended: float | None
+    events: int  # how many events it has (its latest tseq)
+    anomalies: int
+    duplicates: int
+    deadline: float  # by when the next progress is due; 0 = none
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One event in a task's log; ``tseq`` numbers the task's events as the tracker got them."""
+
+    task_id: str
+    tseq: int
+    branch: int
+    seq: int
+    attempt: int
+    event: str
+    step: str
+    where: str
+    wid: str
+    pid: int
+    at: float
+    detail: dict[str, Any]
+    flag: str  # "" | "duplicate" | "conflict: ..." | "anomaly: ..."
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRow:
+    """What a terminus step returned for one branch of a task."""
+
+    task_id: str
+    branch: int
+    step: str
+    serialization: str
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A task that failed for good: enough to send it again (``dsat retry``)."""
+
+    task_id: str
+    job_id: str
+    origin: str
+    step: str
+    branch: int
+    seq: int
+    attempt: int
+    serialization: str
+    payload: bytes
+    error: str
+    at: float
+
+
+@dataclass
+class Batch:
+    """Everything one tracker cycle writes, in one transaction."""
+
+    events: list[EventRow] = field(default_factory=list)
+    tasks: dict[str, TaskRow] = field(default_factory=dict)  # upserts, last one wins
+    results: list[ResultRow] = field(default_factory=list)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    retried: list[str] = field(default_factory=list)  # dead letters sent again
+    flags: list[tuple[str, int, str]] = field(default_factory=list)  # task_id, tseq, flag
+    producers: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> epoch, eseq
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.events
+            or self.tasks
+            or self.results
+            or self.dead_letters
+            or self.retried
+            or self.flags
+            or self.producers
+        )
+
+
+class Store(Protocol):
+    """What the tracker and the clients need from a status store."""
+
+    def write(self, batch: Batch) -> None:
+        """Write a batch in one transaction: all of it lands, or none (StoreError)."""
+
+    def producers(self) -> dict[str, tuple[int, int]]:
+        """The last (epoch, eseq) stored for each producer."""
+
+    def live_tasks(self) -> list[TaskRow]:
+        """Tasks that have not ended."""
+
+    def task(self, task_id: str) -> TaskRow | None: ...
+
+    def events(self, task_id: str, after: int = 0) -> list[EventRow]:
+        """A task's events with ``tseq > after``, in tseq order."""
+
+    def tasks(
+        self,
+        *,
+        job_id: str | None = None,
+        step: str | None = None,
+        state: str | None = None,
+        live: bool | None = None,
+        stale_before: float | None = None,
+        limit: int = 100,
+    ) -> list[TaskRow]:
+        """Tasks matching every given filter, newest first."""
+
+    def results(self, task_id: str) -> list[ResultRow]: ...
+
+    def dead_letter(self, task_id: str) -> DeadLetter | None: ...
+
+    def counts(self) -> dict[str, int]:
+        """How many tasks are in each state."""
+
+    def prune(self, ended_before: float) -> int:
+        """Forget tasks that ended before a time (events, results, rows); return how many."""
+
+    def close(self) -> None: ...
+
+
+def open_store(url: str, *, readonly: bool = False) -> Store:
+    """Open the store a URL names: ``sqlite:///PATH``, or ``postgresql://...``."""
+    if url.startswith("sqlite:///"):
+        from dsat.store.sqlite import SqliteStore
+
+        return SqliteStore(url.removeprefix("sqlite:///"), readonly=readonly)
+    raise StoreError(f"store url {url!r}: this dsat supports sqlite:///PATH")

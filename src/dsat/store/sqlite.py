@@ -1,0 +1,350 @@
+"""The SQLite status store: one file, WAL mode, one writer (the tracker), many readers."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Final
+
+import msgpack
+
+from dsat.store import Batch, DeadLetter, EventRow, ResultRow, StoreError, TaskRow
+
+SCHEMA_VERSION: Final = 1
+
+_SCHEMA: Final = """
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    state TEXT NOT NULL,
+    step TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    error TEXT NOT NULL,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    ended REAL,
+    events INTEGER NOT NULL,
+    anomalies INTEGER NOT NULL,
+    duplicates INTEGER NOT NULL,
+    deadline REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS tasks_by_job ON tasks (job_id, created);
+CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, updated);
+CREATE INDEX IF NOT EXISTS tasks_live ON tasks (ended) WHERE ended IS NULL;
+CREATE TABLE IF NOT EXISTS events (
+    task_id TEXT NOT NULL,
+    tseq INTEGER NOT NULL,
+    branch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    event TEXT NOT NULL,
+    step TEXT NOT NULL,
+    at_satellite TEXT NOT NULL,
+    wid TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    at REAL NOT NULL,
+    detail BLOB,
+    flag TEXT NOT NULL,
+    PRIMARY KEY (task_id, tseq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS results (
+    task_id TEXT NOT NULL,
+    branch INTEGER NOT NULL,
+    step TEXT NOT NULL,
+    serialization TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (task_id, branch)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    task_id TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    origin TEXT NOT NULL,
+    step TEXT NOT NULL,
+    branch INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    attempt INTEGER NOT NULL,
+    serialization TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    error TEXT NOT NULL,
+    at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS producers (
+    producer TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    eseq INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+_TASK_COLUMNS: Final = (
+    "task_id, job_id, origin, state, step, attempt, error, created, updated, ended, events, "
+    "anomalies, duplicates, deadline"
+)
+_EVENT_COLUMNS: Final = (
+    "task_id, tseq, branch, seq, attempt, event, step, at_satellite, wid, pid, at, detail, flag"
+)
+
+
+class SqliteStore:
+    """The default store: a SQLite file in WAL mode, one transaction per batch."""
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        self.path = path
+        try:
+            if readonly:
+                if not os.path.exists(path):
+                    raise StoreError(f"store {path}: no such file")
+                self._db = sqlite3.connect(
+                    f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10
+                )
+            else:
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                self._db = sqlite3.connect(path, isolation_level=None, timeout=10)
+                # WAL: readers never block the writer; NORMAL: no fsync per commit, the
+                # WAL is synced at checkpoints (a power cut may lose the last commits).
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                self._check_version()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+
+    def _check_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(
+                f"store {self.path}: schema version {row[0]}, this dsat needs {SCHEMA_VERSION}"
+            )
+
+    @contextmanager
+    def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
+        try:
+            yield self._db
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: cannot read {what}: {exc}") from exc
+
+    # -- writing
+
+    def write(self, batch: Batch) -> None:
+        """Write a batch in one transaction: all of it lands, or none."""
+        if not batch:
+            return
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            if batch.events:
+                db.executemany(
+                    f"INSERT OR REPLACE INTO events ({_EVENT_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_event_params(e) for e in batch.events],
+                )
+            if batch.tasks:
+                db.executemany(
+                    f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [_task_params(t) for t in batch.tasks.values()],
+                )
+            if batch.results:
+                db.executemany(
+                    "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)",
+                    [(r.task_id, r.branch, r.step, r.serialization, r.data) for r in batch.results],
+                )
+            if batch.retried:
+                db.executemany(
+                    "DELETE FROM dead_letters WHERE task_id = ?", [(t,) for t in batch.retried]
+                )
+            if batch.dead_letters:
+                db.executemany(
+                    "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            d.task_id,
+                            d.job_id,
+                            d.origin,
+                            d.step,
+                            d.branch,
+                            d.seq,
+                            d.attempt,
+                            d.serialization,
+                            d.payload,
+                            d.error,
+                            d.at,
+                        )
+                        for d in batch.dead_letters
+                    ],
+                )
+            if batch.flags:
+                db.executemany(
+                    "UPDATE events SET flag = ? WHERE task_id = ? AND tseq = ?",
+                    [(flag, task_id, tseq) for task_id, tseq, flag in batch.flags],
+                )
+            if batch.producers:
+                db.executemany(
+                    "INSERT OR REPLACE INTO producers VALUES (?, ?, ?)",
+                    [(name, epoch, eseq) for name, (epoch, eseq) in batch.producers.items()],
+                )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(
+                f"store {self.path}: could not write {len(batch.events)} events: {exc}"
+            ) from exc
+
+    # -- reading
+
+    def producers(self) -> dict[str, tuple[int, int]]:
+        with self._reading("producers") as db:
+            rows = db.execute("SELECT producer, epoch, eseq FROM producers").fetchall()
+        return {name: (epoch, eseq) for name, epoch, eseq in rows}
+
+    def live_tasks(self) -> list[TaskRow]:
+        with self._reading("live tasks") as db:
+            rows = db.execute(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE ended IS NULL").fetchall()
+        return [TaskRow(*row) for row in rows]
+
+    def task(self, task_id: str) -> TaskRow | None:
+        with self._reading(f"task {task_id}") as db:
+            row = db.execute(
+                f"SELECT {_TASK_COLUMNS} FROM tasks WHERE task_id = ?", (task_id,)
+            ).fetchone()
+        return TaskRow(*row) if row else None
+
+    def events(self, task_id: str, after: int = 0) -> list[EventRow]:
+        with self._reading(f"events of {task_id}") as db:
+            rows = db.execute(
+                f"SELECT {_EVENT_COLUMNS} FROM events WHERE task_id = ? AND tseq > ? ORDER BY tseq",
+                (task_id, after),
+            ).fetchall()
+        return [_event_row(row) for row in rows]
+
+    def tasks(
+        self,
+        *,
+        job_id: str | None = None,
+        step: str | None = None,
+        state: str | None = None,
+        live: bool | None = None,
+        stale_before: float | None = None,
+        limit: int = 100,
+    ) -> list[TaskRow]:
+        where: list[str] = []
+        params: list[Any] = []
+        for column, value in (("job_id", job_id), ("step", step), ("state", state)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if live is not None:
+            where.append("ended IS NULL" if live else "ended IS NOT NULL")
+        if stale_before is not None:
+            where.append("ended IS NULL AND updated < ?")
+            params.append(stale_before)
+        sql = f"SELECT {_TASK_COLUMNS} FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created DESC LIMIT ?"
+        params.append(max(0, int(limit)))
+        with self._reading("tasks") as db:
+            rows = db.execute(sql, params).fetchall()
+        return [TaskRow(*row) for row in rows]
+
+    def results(self, task_id: str) -> list[ResultRow]:
+        with self._reading(f"results of {task_id}") as db:
+            rows = db.execute(
+                "SELECT task_id, branch, step, serialization, data FROM results "
+                "WHERE task_id = ? ORDER BY branch",
+                (task_id,),
+            ).fetchall()
+        return [ResultRow(t, b, s, z, bytes(d)) for t, b, s, z, d in rows]
+
+    def dead_letter(self, task_id: str) -> DeadLetter | None:
+        with self._reading(f"dead letter {task_id}") as db:
+            row = db.execute("SELECT * FROM dead_letters WHERE task_id = ?", (task_id,)).fetchone()
+        if row is None:
+            return None
+        values = list(row)
+        values[8] = bytes(values[8])
+        return DeadLetter(*values)
+
+    def counts(self) -> dict[str, int]:
+        with self._reading("counts") as db:
+            rows = db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
+        return {state: n for state, n in rows}
+
+    def prune(self, ended_before: float) -> int:
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            ended = [
+                row[0]
+                for row in db.execute(
+                    "SELECT task_id FROM tasks WHERE ended IS NOT NULL AND ended < ?",
+                    (ended_before,),
+                )
+            ]
+            for table in ("events", "results", "tasks"):
+                db.executemany(f"DELETE FROM {table} WHERE task_id = ?", [(t,) for t in ended])
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(f"store {self.path}: could not prune: {exc}") from exc
+        return len(ended)
+
+    def close(self) -> None:
+        try:
+            self._db.close()
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: could not close: {exc}") from exc
+
+
+def _task_params(t: TaskRow) -> tuple[Any, ...]:
+    return (
+        t.task_id,
+        t.job_id,
+        t.origin,
+        t.state,
+        t.step,
+        t.attempt,
+        t.error,
+        t.created,
+        t.updated,
+        t.ended,
+        t.events,
+        t.anomalies,
+        t.duplicates,
+        t.deadline,
+    )
+
+
+def _event_params(e: EventRow) -> tuple[Any, ...]:
+    detail = msgpack.packb(e.detail, use_bin_type=True) if e.detail else None
+    return (
+        e.task_id,
+        e.tseq,
+        e.branch,
+        e.seq,
+        e.attempt,
+        e.event,
+        e.step,
+        e.where,
+        e.wid,
+        e.pid,
+        e.at,
+        detail,
+        e.flag,
+    )
+
+
+def _event_row(row: tuple[Any, ...]) -> EventRow:
+    values = list(row)
+    values[11] = msgpack.unpackb(values[11], raw=False) if values[11] else {}
+    return EventRow(*values)

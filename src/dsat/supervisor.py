@@ -1,0 +1,403 @@
+"""Supervision: one satellite's processes under circus, started and stopped in order.
+
+``dsat run`` starts a circus arbiter as a child process (in the main thread of
+its own process: circus' ``background=True`` mode fails on Python 3.11), with
+one watcher per node of the satellite: the tracker, each router, each pool
+(``min`` workers), each sink and source, the orchester. circus restarts what
+dies. The arbiter's control endpoint is ``ipc://`` in the satellite's private
+(0700) runtime directory and its multicast discovery is off.
+
+circus is kept behind :class:`ProcessManager`, so it can be replaced.
+
+Stopping is ordered, so that nothing accepted is dropped: sources first, then
+the orchester (it hands on what it accepted), then each step from upstream to
+downstream (a pool's workers finish their task and leave, then its queue hands
+on the results and keeps what is still queued in its journal), the tracker last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+from dsat.errors import DsatError
+from dsat.node import SUPERVISOR_ENV, die_with_parent
+from dsat.topology import (
+    ORCHESTER,
+    TRACKER,
+    Kind,
+    Role,
+    Topology,
+    ensure_private_dir,
+)
+
+log = logging.getLogger("dsat.supervisor")
+
+CONTROL_TIMEOUT: Final = 10.0
+KEEP_RUNS: Final = 10
+
+
+class SupervisorError(DsatError):
+    """The satellite's processes could not be started, scaled or stopped."""
+
+
+# ---------------------------------------------------------------------------
+# what a process manager must do
+
+
+@dataclass(frozen=True)
+class Watch:
+    """One kind of process to keep running: its command and how many of it."""
+
+    name: str
+    args: tuple[str, ...]
+    count: int
+    priority: int  # started from the highest
+    stop_timeout: float
+    log_file: str
+    singleton: bool = False
+
+
+class ProcessManager(Protocol):
+    """What dsat needs from a supervisor (circus today)."""
+
+    def start(self, watches: Sequence[Watch]) -> None: ...
+
+    def alive(self) -> bool: ...
+
+    def pids(self, name: str) -> list[int]: ...
+
+    def count(self, name: str) -> int: ...
+
+    def scale(self, name: str, count: int) -> None: ...
+
+    def stop_watch(self, name: str) -> None: ...
+
+    def quit(self) -> None: ...
+
+
+class CircusManager:
+    """A circus arbiter in a child process, driven over its ipc control endpoint."""
+
+    def __init__(self, runtime_dir: str, run_dir: str) -> None:
+        self.endpoint = f"ipc://{os.path.join(runtime_dir, 'circus.ctl')}"
+        self.pubsub = f"ipc://{os.path.join(runtime_dir, 'circus.pub')}"
+        self.run_dir = run_dir
+        self.process: subprocess.Popen[bytes] | None = None
+        self._client: Any = None
+
+    def start(self, watches: Sequence[Watch]) -> None:
+        config = {
+            "endpoint": self.endpoint,
+            "pubsub": self.pubsub,
+            "watchers": [
+                {
+                    "name": w.name,
+                    "cmd": sys.executable,
+                    "args": list(w.args),
+                    "numprocesses": w.count,
+                    "priority": w.priority,
+                    "graceful_timeout": w.stop_timeout,
+                    "singleton": w.singleton,
+                    "copy_env": True,
+                    "env": {"PYTHONUNBUFFERED": "1"},
+                    "working_dir": os.getcwd(),
+                    "stdout_stream": {"class": "FileStream", "filename": w.log_file},
+                    "stderr_stream": {"class": "FileStream", "filename": w.log_file},
+                }
+                for w in watches
+            ],
+        }
+        path = os.path.join(self.run_dir, "circus.json")
+        with open(path, "w") as file:
+            json.dump(config, file, indent=2)
+        log_file = open(os.path.join(self.run_dir, "circus.log"), "ab")  # noqa: SIM115
+        parent = os.getpid()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "dsat.supervisor", path],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            # SIGTERM when we die, even by SIGKILL: circus then stops every worker
+            preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM),
+            start_new_session=True,  # Ctrl-C reaches us, and we decide the order of the stop
+        )
+        log_file.close()
+        deadline = time.monotonic() + 30
+        names = {w.name for w in watches}
+        while True:
+            if not self.alive():
+                raise SupervisorError(
+                    f"the circus arbiter exited at start; see {self.run_dir}/circus.log"
+                )
+            try:
+                status = self.call("status", timeout=2.0)
+                if set(status.get("statuses", {})) >= names:
+                    return
+            except SupervisorError:
+                pass
+            if time.monotonic() > deadline:
+                raise SupervisorError("circus did not come up within 30 s")
+            time.sleep(0.1)
+
+    def client(self, timeout: float) -> Any:
+        from circus.client import CircusClient
+
+        if self._client is None or self._client.timeout != timeout:
+            if self._client is not None:
+                self._client.stop()
+            self._client = CircusClient(endpoint=self.endpoint, timeout=timeout)
+        return self._client
+
+    def call(
+        self, command: str, *, timeout: float = CONTROL_TIMEOUT, **properties: Any
+    ) -> dict[str, Any]:
+        """One circus command; retried while circus says it is busy with another one."""
+        from circus.exc import CallError
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                answer: dict[str, Any] = self.client(timeout).call(
+                    {"command": command, "properties": properties}
+                )
+            except CallError as exc:
+                raise SupervisorError(f"circus {command}: {exc}") from exc
+            if answer.get("status") == "ok":
+                return answer
+            reason = str(answer.get("reason", answer))
+            if "already running" in reason and time.monotonic() < deadline:
+                time.sleep(0.05)  # circus runs one command at a time (its ConflictError)
+                continue
+            raise SupervisorError(f"circus {command}: {reason}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def pids(self, name: str) -> list[int]:
+        return [int(p) for p in self.call("list", name=name).get("pids", [])]
+
+    def count(self, name: str) -> int:
+        return int(self.call("numprocesses", name=name)["numprocesses"])
+
+    def scale(self, name: str, count: int) -> None:
+        current = self.count(name)
+        if count > current:
+            self.call("incr", name=name, nb=count - current)
+        elif count < current:
+            self.call("decr", name=name, nb=current - count, waiting=False)
+
+    def stop_watch(self, name: str) -> None:
+        self.call("stop", name=name, waiting=True, timeout=120.0)
+
+    def quit(self) -> None:
+        if self.alive():
+            with contextlib.suppress(SupervisorError):
+                self.call("quit", waiting=True, timeout=60.0)
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()  # its workers die with it (PDEATHSIG)
+                self.process.wait(timeout=10)
+        if self._client is not None:
+            self._client.stop()
+            self._client = None
+
+
+def arbiter_main(config_path: str) -> int:
+    """The child process: a circus arbiter in its own main thread, no multicast."""
+    from circus.arbiter import Arbiter
+    from circus.watcher import Watcher
+
+    with open(config_path) as file:
+        config = json.load(file)
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())  # workers die with us
+    watchers = []
+    for spec in config["watchers"]:
+        spec = dict(spec)
+        spec["env"] = {**spec["env"], SUPERVISOR_ENV: str(os.getpid())}
+        spec["stream_backend"] = "thread"
+        watchers.append(Watcher.load_from_config(spec))
+    arbiter = Arbiter(
+        watchers,
+        config["endpoint"],
+        config["pubsub"],
+        check_delay=0.5,
+        multicast_endpoint=None,  # circus' discovery would tell anyone where to find us
+    )
+    arbiter.start()
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# a satellite
+
+
+def order_of_stop(topology: Topology, satellite: str) -> list[list[str]]:
+    """Groups of watcher names, in the order they stop (upstream first, the tracker last)."""
+    nodes = {n.name: n for n in topology.nodes(satellite)}
+    sources = [n.name for n in nodes.values() if n.role is Role.SOURCE]
+    groups: list[list[str]] = [sources, [ORCHESTER]] if sources else [[ORCHESTER]]
+    seen: set[str] = set()
+    frontier = [s.name for s in topology.steps.values() if s.kind is Kind.SOURCE or s.entry]
+    ordered: list[str] = []
+    while frontier:
+        name = frontier.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        ordered.append(name)
+        frontier.extend(link.target for link in topology.links_from(name))
+    ordered.extend(name for name in topology.steps if name not in seen)
+    for name in ordered:
+        step = topology.steps[name]
+        if step.kind is Kind.SOURCE or satellite not in step.satellites:
+            continue
+        if step.kind is Kind.POOL:
+            groups.append([name])  # its workers finish and leave first,
+            groups.append([topology.inbox(name)])  # then its queue hands on their results
+        else:
+            groups.append([name])
+    groups.append([TRACKER])
+    return [group for group in groups if group]
+
+
+def watches_of(topology: Topology, satellite: str, run_dir: str) -> list[Watch]:
+    """One watch per node of the satellite."""
+    base = ("-m", "dsat.node", "--topology", topology.path, "--satellite", satellite)
+    priorities = {
+        Role.TRACKER: 50,
+        Role.QUEUE: 40,
+        Role.SINK: 40,
+        Role.ROUTER: 40,
+        Role.WORKER: 30,
+        Role.ORCHESTER: 20,
+        Role.SOURCE: 10,
+    }
+    watches = []
+    for node in topology.nodes(satellite):
+        args: tuple[str, ...] = (*base, "--node", node.name)
+        stop_timeout = 15.0
+        if node.role is Role.WORKER:
+            args = (*args, "--wid", f"{node.name}.$(circus.wid)")
+            stop_timeout = topology.steps[node.step].timeout + 5.0
+        elif node.role is Role.SINK:
+            stop_timeout = topology.steps[node.step].timeout + 15.0
+        watches.append(
+            Watch(
+                name=node.name,
+                args=args,
+                count=node.min,
+                priority=priorities[node.role],
+                stop_timeout=stop_timeout,
+                log_file=os.path.join(run_dir, f"{node.name}.log"),
+                singleton=node.role is not Role.WORKER,
+            )
+        )
+    return watches
+
+
+class Satellite:
+    """``dsat run``: start a satellite, keep it running, stop it in order."""
+
+    def __init__(self, topology: Topology, satellite: str) -> None:
+        if satellite not in topology.satellites:
+            raise SupervisorError(
+                f"{topology.path}: no satellite {satellite!r} "
+                f"(defined: {', '.join(topology.satellites)})"
+            )
+        self.topology = topology
+        self.name = satellite
+        self.runtime_dir = ensure_private_dir(topology.runtime_dir(satellite))
+        state_dir = topology.state_dir(satellite)
+        os.makedirs(state_dir, exist_ok=True)
+        self.run_dir = _new_run_dir(state_dir)
+        self.manager: ProcessManager = CircusManager(self.runtime_dir, self.run_dir)
+        self.stop_requested = 0
+        self._lock = self._take_lock()
+
+    def _take_lock(self) -> int:
+        path = os.path.join(self.runtime_dir, "satellite.lock")
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise SupervisorError(
+                f"satellite {self.name} of {self.topology.path} is already running (lock {path})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def start(self) -> None:
+        watches = watches_of(self.topology, self.name, self.run_dir)
+        self.manager.start(watches)
+
+    def request_stop(self, signum: int = 0, frame: Any = None) -> None:
+        self.stop_requested += 1
+
+    def wait(self, duration: float | None = None) -> None:
+        """Keep running until a stop is asked for, ``duration`` passes, or circus dies."""
+        deadline = time.monotonic() + duration if duration else None
+        while not self.stop_requested:
+            if not self.manager.alive():
+                raise SupervisorError(f"the circus arbiter died; see {self.run_dir}/circus.log")
+            if deadline and time.monotonic() >= deadline:
+                return
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        """Stop in order: nothing accepted is dropped; queued tasks stay in journals."""
+        try:
+            for group in order_of_stop(self.topology, self.name):
+                for name in group:
+                    if not self.manager.alive():
+                        return
+                    log.info("stopping %s", name)
+                    self.manager.stop_watch(name)
+        finally:
+            self.manager.quit()
+            os.close(self._lock)
+
+
+def _new_run_dir(state_dir: str) -> str:
+    runs = os.path.join(state_dir, "runs")
+    os.makedirs(runs, exist_ok=True)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = os.path.join(runs, stamp)
+    suffix = 1
+    while os.path.exists(path):
+        suffix += 1
+        path = os.path.join(runs, f"{stamp}-{suffix}")
+    os.makedirs(path)
+    latest = os.path.join(runs, "latest")
+    with contextlib.suppress(OSError):
+        if os.path.islink(latest):
+            os.unlink(latest)
+        os.symlink(os.path.basename(path), latest)
+    old = sorted(p for p in os.listdir(runs) if p != "latest")[:-KEEP_RUNS]
+    for name in old:
+        directory = os.path.join(runs, name)
+        for entry in os.listdir(directory):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(directory, entry))
+        with contextlib.suppress(OSError):
+            os.rmdir(directory)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(arbiter_main(sys.argv[1]))

@@ -1,0 +1,523 @@
+"""The tracker: one per satellite; every event of every task goes through it.
+
+Each cycle the tracker reads the event batches that arrived, applies each event
+to its task's :class:`~dsat.fsm.TaskMachine`, writes the cycle's events and
+task rows to the store in one transaction, only then confirms the batches to
+their producers (who keep them until then) and publishes the events live, on a
+PUB socket whose topic is the task id.
+
+Its memory holds live tasks only: a task that ends is written, checked (every
+transition of its history, in order) and forgotten. After a restart, it
+rebuilds live tasks from their stored events.
+
+It also answers queries (a task's state and history, tasks by job, step or
+state, the load of every pool) on its ``query`` socket:
+``query {"ref", "op", ...}`` -> ``reply {"ref", "ok", "result" | "error"}``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, Final
+
+import msgpack
+import zmq
+
+from dsat.errors import MessageError
+from dsat.fsm import TERMINAL, Event, TaskMachine
+from dsat.message import (
+    PROTOCOL,
+    PROTOCOL_FRAME,
+    EventRecord,
+    configure,
+    control,
+    decode_control,
+    field_of,
+    unpack_records,
+)
+from dsat.store import Batch, DeadLetter, EventRow, ResultRow, Store, StoreError, TaskRow
+from dsat.topology import TRACKER, Topology, get_connection
+
+log = logging.getLogger("dsat.tracker")
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+MAX_BATCHES: Final = 64  # event batches read per cycle
+ENDED_CACHE: Final = 10_000  # ended tasks kept in memory, for their late events
+END_GRACE: Final = 5.0  # seconds a closed task may wait for missing events before it ends
+LOAD_TOPIC: Final = b"@load"
+PRUNE_EVERY: Final = 600.0
+LOAD_WINDOW: Final = 10.0  # seconds of load reports kept, for rates
+
+
+class Tracker:
+    """Applies events, stores them in batches, publishes them, answers queries."""
+
+    def __init__(
+        self, topology: Topology, *, satellite: str, context: Context, store: Store
+    ) -> None:
+        self.topology = topology
+        self.satellite = satellite
+        self.store = store
+        self.stopping = False
+        plan = get_connection(topology, TRACKER, satellite=satellite)
+        max_size = topology.defaults.max_message_size
+        self.events = context.socket(zmq.ROUTER)
+        configure(self.events, hwm=100_000, max_size=max_size)
+        self.query = context.socket(zmq.ROUTER)
+        configure(self.query, hwm=10_000, max_size=max_size)
+        self.pub = context.socket(zmq.PUB)
+        configure(self.pub, hwm=100_000)
+        for socket, purpose in ((self.events, "events"), (self.query, "query"), (self.pub, "pub")):
+            for address in plan.socket(purpose).addresses:
+                socket.bind(address)
+        self.poller = zmq.Poller()
+        self.poller.register(self.events, zmq.POLLIN)
+        self.poller.register(self.query, zmq.POLLIN)
+
+        self.live: dict[str, TaskMachine] = {}
+        self.ended: collections.OrderedDict[str, TaskMachine] = collections.OrderedDict()
+        self.closing: dict[str, float] = {}  # closed tasks waiting for missing events
+        self.producers: dict[str, tuple[int, int]] = store.producers()
+        self.loads: dict[str, collections.deque[dict[str, Any]]] = {}
+        self.malformed = 0
+        self.anomalies = 0
+        self.applied = 0
+        self.last_prune = 0.0
+        self.last_load_published = 0.0
+        self.last_malformed_log = 0.0
+        self._rebuild()
+
+    # -- start
+
+    def _rebuild(self) -> None:
+        """Live tasks back into memory from their stored events."""
+        rows = self.store.live_tasks()
+        for row in rows:
+            self.live[row.task_id] = self._machine_from_store(row)
+        if rows:
+            log.info("tracker: rebuilt %d live task(s) from the store", len(rows))
+
+    def _machine_from_store(self, row: TaskRow) -> TaskMachine:
+        machine = TaskMachine(row.task_id, row.job_id, row.origin)
+        for event in self.store.events(row.task_id):
+            machine.tseq = event.tseq - 1
+            _apply_row(machine, event)
+        machine.tseq = max(machine.tseq, row.events)
+        machine.anomalies = row.anomalies
+        return machine
+
+    # -- events
+
+    def read_events(self, batch: Batch) -> tuple[list[list[bytes]], list[list[bytes]]]:
+        """Apply what arrived; return confirmations and live messages, sent after the write."""
+        confirms: dict[tuple[bytes, str], tuple[int, int, bool]] = {}
+        published: list[list[bytes]] = []
+        for _ in range(MAX_BATCHES):
+            try:
+                frames = self.events.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            peer, frames = frames[0], frames[1:]
+            try:
+                message = decode_control(
+                    frames,
+                    frozenset({"events", "load"}),
+                    max_size=self.topology.defaults.max_message_size,
+                )
+                if message.kind == "load":
+                    self._load(message.body)
+                    continue
+                producer = field_of(message.body, "producer", str, "events")
+                epoch = field_of(message.body, "epoch", int, "events")
+                first = field_of(message.body, "first", int, "events")
+                if len(message.extra) != 1:
+                    raise MessageError("events: need one frame of records")
+                records = unpack_records(message.extra[0])
+            except MessageError as exc:
+                self._malformed(exc)
+                continue
+            known_epoch, last = self.producers.get(producer, (epoch, first - 1))
+            if known_epoch != epoch:
+                last = first - 1  # a new journal: its numbering starts afresh
+            if first > last + 1:
+                confirms[(peer, producer)] = (epoch, last, True)  # a gap: ask for the rest again
+                continue
+            for offset, record in enumerate(records):
+                if first + offset > last:
+                    published.extend(self._apply(record, batch))
+            last = max(last, first + len(records) - 1)
+            self.producers[producer] = (epoch, last)
+            batch.producers[producer] = (epoch, last)
+            confirms[(peer, producer)] = (epoch, last, False)
+        replies = [
+            [peer, *control("confirm", {"epoch": epoch, "upto": upto, "gap": gap})]
+            for (peer, _), (epoch, upto, gap) in confirms.items()
+        ]
+        return replies, published
+
+    def _apply(self, record: EventRecord, batch: Batch) -> list[list[bytes]]:
+        machine = self.live.get(record.task_id)
+        if machine is None:
+            machine = self._machine_for(record)
+        was_over = machine.over
+        detail = record.detail
+        outcome = machine.apply(
+            record.event,
+            branch=record.branch,
+            seq=record.seq,
+            attempt=record.attempt,
+            step=record.step,
+            at=record.at,
+            children=detail.get("children"),
+            parent=detail.get("parent", 0),
+            error=detail.get("error", ""),
+            deadline=float(detail.get("deadline", 0.0)),
+        )
+        flag = outcome.flag
+        if was_over and not flag and record.event is not Event.RETRY:
+            flag = "anomaly: after the task ended"
+            machine.anomalies += 1
+            self.anomalies += 1
+        self.applied += 1
+        stored = {k: v for k, v in detail.items() if k not in ("result", "payload")}
+        batch.events.append(
+            EventRow(
+                record.task_id,
+                outcome.tseq,
+                record.branch,
+                record.seq,
+                record.attempt,
+                str(record.event),
+                record.step,
+                record.where,
+                record.wid,
+                record.pid,
+                record.at,
+                stored,
+                flag,
+            )
+        )
+        if not flag:
+            if record.event is Event.HAPPY_END and "result" in detail:
+                batch.results.append(
+                    ResultRow(
+                        record.task_id,
+                        record.branch,
+                        record.step,
+                        detail.get("serialization", "msgpack"),
+                        detail["result"],
+                    )
+                )
+            elif record.event is Event.FAILURE and "payload" in detail:
+                batch.dead_letters.append(
+                    DeadLetter(
+                        record.task_id,
+                        record.job_id,
+                        record.origin,
+                        record.step,
+                        record.branch,
+                        record.seq,
+                        record.attempt,
+                        detail.get("serialization", "msgpack"),
+                        detail["payload"],
+                        detail.get("error", ""),
+                        record.at,
+                    )
+                )
+            elif record.event is Event.RETRY:
+                batch.retried.append(record.task_id)
+        if machine.closed and not machine.over:
+            self.closing.setdefault(record.task_id, time.monotonic())
+        batch.tasks[record.task_id] = self._row(machine)
+        self._file(machine)
+        live = {
+            "task_id": record.task_id,
+            "tseq": outcome.tseq,
+            "branch": record.branch,
+            "seq": record.seq,
+            "attempt": record.attempt,
+            "event": str(record.event),
+            "step": record.step,
+            "where": record.where,
+            "wid": record.wid,
+            "pid": record.pid,
+            "at": record.at,
+            "detail": stored,
+            "flag": flag,
+            "state": str(machine.state),
+            "over": machine.over,
+        }
+        return [[record.task_id.encode(), PROTOCOL_FRAME, msgpack.packb(live, use_bin_type=True)]]
+
+    def _file(self, machine: TaskMachine) -> None:
+        """Keep a live task live, move an ended one to the (bounded) cache of ended tasks."""
+        task_id = machine.task_id
+        if machine.over:
+            self.live.pop(task_id, None)
+            self.closing.pop(task_id, None)
+            self.ended[task_id] = machine
+            self.ended.move_to_end(task_id)
+            if len(self.ended) > ENDED_CACHE:
+                self.ended.popitem(last=False)
+        else:
+            self.ended.pop(task_id, None)
+            self.live[task_id] = machine
+
+    def _machine_for(self, record: EventRecord) -> TaskMachine:
+        """A machine for a task not live: one that ended (cached or rebuilt), or a new one."""
+        machine = self.ended.get(record.task_id)
+        if machine is not None:
+            return machine
+        row = self.store.task(record.task_id)
+        if row is not None:
+            return self._machine_from_store(row)
+        return TaskMachine(record.task_id, record.job_id, record.origin)
+
+    def end_overdue(self, batch: Batch) -> None:
+        """End tasks that closed but still miss events after END_GRACE; flag what is missing."""
+        now = time.monotonic()
+        overdue = [t for t, since in self.closing.items() if now - since > END_GRACE]
+        for task_id in overdue:
+            self.closing.pop(task_id)
+            machine = self.live.get(task_id)
+            if machine is None or machine.over:
+                continue
+            for tseq, reason in machine.force_end():
+                batch.flags.append((task_id, tseq, f"anomaly: {reason}"))
+                machine.anomalies += 1
+                self.anomalies += 1
+            log.warning(
+                "tracker: task %s ended with missing events (%d anomalies)",
+                task_id,
+                machine.anomalies,
+            )
+            batch.tasks[task_id] = self._row(machine)
+            self._file(machine)  # readers of the live stream see it end in the store
+
+    def _row(self, machine: TaskMachine) -> TaskRow:
+        return TaskRow(
+            task_id=machine.task_id,
+            job_id=machine.job_id,
+            origin=machine.origin,
+            state=str(machine.state),
+            step=machine.step,
+            attempt=machine.attempt,
+            error=machine.error,
+            created=machine.created,
+            updated=machine.updated,
+            ended=machine.updated if machine.over else None,
+            events=machine.tseq,
+            anomalies=machine.anomalies,
+            duplicates=machine.duplicates,
+            deadline=machine.deadline,
+        )
+
+    # -- loads
+
+    def _load(self, body: Any) -> None:
+        node = field_of(body, "node", str, "load")
+        satellite = body.get("satellite", self.satellite)
+        history = self.loads.setdefault(f"{satellite}/{node}", collections.deque(maxlen=64))
+        body["received"] = time.time()
+        history.append(body)
+        now = time.time()
+        while history and now - history[0]["received"] > LOAD_WINDOW:
+            history.popleft()
+
+    def load_view(self) -> dict[str, Any]:
+        """The latest load of every node, with done/s and errors/s over the last seconds."""
+        view: dict[str, Any] = {}
+        now = time.time()
+        for name, history in self.loads.items():
+            if not history:
+                continue
+            latest = dict(history[-1])
+            oldest = history[0]
+            span = latest["received"] - oldest["received"]
+            for counter in ("done", "errors"):
+                delta = latest.get(counter, 0) - oldest.get(counter, 0)
+                latest[f"{counter}_per_s"] = delta / span if span > 0 else 0.0
+            latest["age"] = now - latest["received"]
+            view[name] = latest
+        return view
+
+    def _malformed(self, exc: MessageError) -> None:
+        self.malformed += 1
+        now = time.monotonic()
+        if now - self.last_malformed_log > 1.0:
+            self.last_malformed_log = now
+            log.warning("tracker: malformed message (%d so far): %s", self.malformed, exc)
+
+    # -- queries
+
+    def answer_queries(self) -> None:
+        for _ in range(256):
+            try:
+                frames = self.query.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            peer, frames = frames[0], frames[1:]
+            ref: Any = None
+            try:
+                message = decode_control(frames, frozenset({"query"}))
+                ref = message.body.get("ref") if type(message.body) is dict else None
+                result = self._query(message.body)
+                reply = {"ref": ref, "ok": True, "result": result}
+            except MessageError as exc:
+                self._malformed(exc)
+                reply = {"ref": ref, "ok": False, "error": str(exc)}
+            except StoreError as exc:
+                reply = {"ref": ref, "ok": False, "error": str(exc)}
+            self.query.send_multipart([peer, *control("reply", reply)])
+
+    def _query(self, body: Any) -> Any:
+        op = field_of(body, "op", str, "query")
+        if op == "hello":
+            return {"satellite": self.satellite, "protocol": str(PROTOCOL)}
+        if op == "state":
+            return self._state(field_of(body, "task_id", str, "query"))
+        if op == "events":
+            task_id = field_of(body, "task_id", str, "query")
+            after = body.get("after", 0)
+            if type(after) is not int:
+                raise MessageError("query events: after must be an integer")
+            return [_event_dict(e) for e in self.store.events(task_id, after)]
+        if op == "tasks":
+            return self._tasks(body)
+        if op == "load":
+            return self.load_view()
+        if op == "dead_letter":
+            letter = self.store.dead_letter(field_of(body, "task_id", str, "query"))
+            return asdict(letter) if letter else None
+        if op == "stats":
+            return {
+                "live": len(self.live),
+                "applied": self.applied,
+                "malformed": self.malformed,
+                "anomalies": self.anomalies,
+                "counts": self.store.counts(),
+            }
+        raise MessageError(f"query: unknown op {op!r:.40}")
+
+    def _state(self, task_id: str) -> dict[str, Any] | None:
+        row = self.store.task(task_id)
+        if row is None:
+            return None
+        task = asdict(row)
+        task["unknown"] = _is_unknown(row, time.time())
+        return {
+            "task": task,
+            "events": [_event_dict(e) for e in self.store.events(task_id)],
+            "results": [asdict(r) for r in self.store.results(task_id)],
+        }
+
+    def _tasks(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        filters: dict[str, Any] = {}
+        for name in ("job_id", "step", "state"):
+            value = body.get(name)
+            if value is not None:
+                if type(value) is not str:
+                    raise MessageError(f"query tasks: {name} must be a string")
+                filters[name] = value
+        limit = body.get("limit", 100)
+        if type(limit) is not int:
+            raise MessageError("query tasks: limit must be an integer")
+        now = time.time()
+        if body.get("stuck") or filters.get("state") == "UNKNOWN":
+            live = self.store.tasks(live=True, limit=1_000_000)
+            rows = [r for r in live if _is_unknown(r, now)][:limit]
+        else:
+            rows = self.store.tasks(limit=limit, **filters)
+        found = []
+        for row in rows:
+            task = asdict(row)
+            task["unknown"] = _is_unknown(row, now)
+            found.append(task)
+        return found
+
+    # -- the loop
+
+    def run(self) -> None:
+        try:
+            while True:
+                ready = dict(self.poller.poll(100))
+                batch = Batch()
+                confirms: list[list[bytes]] = []
+                published: list[list[bytes]] = []
+                if self.events in ready:
+                    confirms, published = self.read_events(batch)
+                if self.closing:
+                    self.end_overdue(batch)
+                if batch:
+                    self.store.write(batch)
+                for frames in confirms:
+                    self.events.send_multipart(frames)
+                for frames in published:
+                    self.pub.send_multipart(frames)
+                if self.query in ready:
+                    self.answer_queries()
+                self.publish_load()
+                self.prune()
+                if self.stopping and not ready:
+                    return
+        finally:
+            self.close()
+
+    def publish_load(self) -> None:
+        now = time.monotonic()
+        if now - self.last_load_published < 1.0:
+            return
+        self.last_load_published = now
+        body = msgpack.packb(self.load_view(), use_bin_type=True)
+        self.pub.send_multipart([LOAD_TOPIC, PROTOCOL_FRAME, body])
+
+    def prune(self) -> None:
+        now = time.time()
+        if now - self.last_prune < PRUNE_EVERY:
+            return
+        self.last_prune = now
+        pruned = self.store.prune(now - self.topology.store.retention)
+        if pruned:
+            log.info("tracker: pruned %d task(s) that ended over the retention", pruned)
+
+    def stop(self) -> None:
+        self.stopping = True
+
+    def close(self) -> None:
+        for socket in (self.events, self.query, self.pub):
+            socket.close(linger=0)
+        self.store.close()
+
+
+def _is_unknown(row: TaskRow, now: float) -> bool:
+    """A live task whose next progress was due a while ago: its fate is not known."""
+    return (
+        row.ended is None
+        and row.deadline > 0
+        and now > row.deadline
+        and (row.state not in {str(e) for e in TERMINAL})
+    )
+
+
+def _event_dict(event: EventRow) -> dict[str, Any]:
+    return asdict(event)
+
+
+def _apply_row(machine: TaskMachine, row: EventRow) -> None:
+    detail = row.detail
+    machine.apply(
+        Event(row.event),
+        branch=row.branch,
+        seq=row.seq,
+        attempt=row.attempt,
+        step=row.step,
+        at=row.at,
+        children=detail.get("children"),
+        parent=detail.get("parent", 0),
+        error=detail.get("error", ""),
+        deadline=float(detail.get("deadline", 0.0)),
+    )
