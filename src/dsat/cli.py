@@ -112,8 +112,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"flags    {state.anomalies} anomalies, {state.duplicates} duplicates")
     if state.results:
         print(f"result   {json.dumps(state.result, default=repr)}")
-    print("history")
-    for event in state.history:
+    print("history (in the order things happened; # is the order the tracker got them)")
+    for event in state.timeline():
         print("  " + _event_line(event))
     return 0
 
@@ -149,10 +149,11 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time(stamp: float | None) -> str:
+def _time(stamp: float | None, *, precise: bool = False) -> str:
     if not stamp:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+    text = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+    return f"{text}.{int(stamp * 1000) % 1000:03d}" if precise else text
 
 
 def _event_line(event: Any) -> str:

@@ -25,6 +25,7 @@ import msgpack
 import zmq
 
 from dsat.errors import DsatError, MessageError
+from dsat.fsm import RANK, Event
 from dsat.message import (
     DEFAULT_MAX_SIZE,
     check_protocol,
@@ -118,6 +119,13 @@ class State:
     @property
     def over(self) -> bool:
         return self.state in TERMINAL_STATES
+
+    def timeline(self) -> list[EventInfo]:
+        """The history in the order things happened (the log is in the order events arrived)."""
+        return sorted(
+            self.history,
+            key=lambda e: (e.seq, e.attempt, RANK.get(Event(e.event), 9), e.branch, e.tseq),
+        )
 
     @property
     def result(self) -> Any:

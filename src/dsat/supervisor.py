@@ -90,7 +90,8 @@ class ProcessManager(Protocol):
 class CircusManager:
     """A circus arbiter in a child process, driven over its ipc control endpoint."""
 
-    def __init__(self, runtime_dir: str, run_dir: str) -> None:
+    def __init__(self, runtime_dir: str, run_dir: str, working_dir: str) -> None:
+        self.working_dir = working_dir
         self.endpoint = f"ipc://{os.path.join(runtime_dir, 'circus.ctl')}"
         self.pubsub = f"ipc://{os.path.join(runtime_dir, 'circus.pub')}"
         self.run_dir = run_dir
@@ -110,9 +111,13 @@ class CircusManager:
                     "priority": w.priority,
                     "graceful_timeout": w.stop_timeout,
                     "singleton": w.singleton,
+                    # never give up restarting: a task that kills its worker must not take
+                    # the pool down (the router fails that task after its retries instead)
+                    "max_retry": -1,
                     "copy_env": True,
                     "env": {"PYTHONUNBUFFERED": "1"},
-                    "working_dir": os.getcwd(),
+                    # relative paths (in options, files a step writes) are the topology's
+                    "working_dir": self.working_dir,
                     "stdout_stream": {"class": "FileStream", "filename": w.log_file},
                     "stderr_stream": {"class": "FileStream", "filename": w.log_file},
                 }
@@ -324,7 +329,9 @@ class Satellite:
         state_dir = topology.state_dir(satellite)
         os.makedirs(state_dir, exist_ok=True)
         self.run_dir = _new_run_dir(state_dir)
-        self.manager: ProcessManager = CircusManager(self.runtime_dir, self.run_dir)
+        self.manager: ProcessManager = CircusManager(
+            self.runtime_dir, self.run_dir, topology.directory
+        )
         self.stop_requested = 0
         self._lock = self._take_lock()
 
