@@ -18,7 +18,7 @@ import itertools
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final
 
 import msgpack
@@ -394,10 +394,21 @@ class Client:
         Raises:
             DsatError: no such task.
         """
-        raw = self._query_op("state", task_id=task_id)
-        if raw is None:
-            raise DsatError(f"no task {task_id} on satellite {self.satellite or '?'}")
+        raw = self._known(task_id)
         return _state(raw, allow_pickle=self.allow_pickle)
+
+    def _known(self, task_id: str, patience: float = 2.0) -> dict[str, Any]:
+        """The tracker's view of a task; a task just submitted may need a moment to appear."""
+        deadline = time.monotonic() + patience
+        pause = 0.01
+        while True:
+            raw = self._query_op("state", task_id=task_id)
+            if raw is not None:
+                return dict(raw)
+            if time.monotonic() + pause > deadline:
+                raise DsatError(f"no task {task_id} on satellite {self.satellite or '?'}")
+            time.sleep(pause)
+            pause = min(0.2, pause * 2)
 
     def tasks(
         self,
@@ -446,14 +457,19 @@ class Client:
         deadline = time.monotonic() + timeout if timeout is not None else None
         last = 0
         poll_every = 0.05
+        self._known(task_id)  # an unknown task is an error, not an endless wait
         try:
             while True:
                 # What the store has (at first, and whenever the stream is quiet: the
                 # subscription takes a moment to start, and PUB drops under load).
-                for event in self._stored_events(task_id, last):
+                stored = self._stored_events(task_id, last)
+                ended = self._ended_as(task_id, stored[-1].tseq if stored else last)
+                if ended and stored:  # the store's last event is the one that ended it
+                    stored[-1] = replace(stored[-1], over=True, state=ended)
+                for event in stored:
                     last = event.tseq
                     yield event
-                if self._over_at(task_id, last):
+                if ended:
                     return
                 quiet_until = time.monotonic() + poll_every
                 while True:
@@ -488,13 +504,14 @@ class Client:
     def _stored_events(self, task_id: str, after: int) -> list[EventInfo]:
         return [_event(e) for e in self._query_op("events", task_id=task_id, after=after)]
 
-    def _over_at(self, task_id: str, last: int) -> bool:
-        """Has the task ended, with ``last`` its latest event? (Stored events carry no state.)"""
+    def _ended_as(self, task_id: str, last: int) -> str:
+        """The final state if the task ended with ``last`` its latest event, else ""."""
         raw = self._query_op("state", task_id=task_id)
         if raw is None:
-            return False
+            return ""
         task = raw["task"]
-        return task["ended"] is not None and task["events"] <= last
+        ended = task["ended"] is not None and task["events"] <= last
+        return str(task["state"]) if ended else ""
 
     def _read_live(self, sub: zmq.Socket[bytes]) -> EventInfo | None:
         frames = sub.recv_multipart()

@@ -39,15 +39,13 @@ class Event(StrEnum):
 
 
 NEXT: Final[Mapping[Event, frozenset[Event]]] = {
-    # the entry router created the task: send it on, or end it when no link accepts it
-    Event.INIT: frozenset({Event.SEND, Event.HAPPY_END}),
+    # the entry router created the task and sends it to its first step(s)
+    Event.INIT: frozenset({Event.SEND}),
     # a SEND is answered by the receiver's ACK, or sent again when no ACK came in time
     Event.SEND: frozenset({Event.ACK, Event.SEND}),
-    # a router accepted it: a worker starts it, or it is forwarded (router steps),
-    # propagated to another satellite, or the router saw its worker die before START
-    Event.ACK: frozenset(
-        {Event.START, Event.SEND, Event.PROPAGATE, Event.HAPPY_END, Event.ERROR, Event.TIMEOUT}
-    ),
+    # a router accepted it: it starts (on a worker, in a sink, or a router step's
+    # forwarding), or it is propagated to another satellite
+    Event.ACK: frozenset({Event.START, Event.PROPAGATE}),
     Event.PROPAGATE: frozenset({Event.ACK, Event.PROPAGATE}),
     Event.START: frozenset({Event.END, Event.ERROR, Event.TIMEOUT}),
     Event.END: frozenset({Event.SEND, Event.HAPPY_END}),
@@ -147,10 +145,12 @@ class TaskMachine:
         "ended",
         "error",
         "failed",
+        "forced",
         "heads",
         "history",
         "job_id",
         "origin",
+        "parents",
         "rooted",
         "state",
         "step",
@@ -175,11 +175,13 @@ class TaskMachine:
         self.anomalies = 0
         self.rooted = False
         self.ended = False
+        self.forced = False  # ended by force_end: stays ended
         self.failed: set[int] = set()
         self.heads: dict[int, Head] = {}
         self.history: list[tuple[Position, int, Event, int]] = []  # position, branch, event, tseq
         self._seen: dict[tuple[int, int, int, int], Event] = {}
         self._forks: set[int] = set()
+        self.parents: dict[int, int] = {}  # fanned-out branch -> the branch it came from
         self._xor = 0
 
     @property
@@ -194,11 +196,12 @@ class TaskMachine:
 
     def problems(self) -> list[tuple[int, str]]:
         """Transitions of the history (so far) that cannot happen: (tseq, reason)."""
-        return check_history(self.history)
+        return check_history(self.history, self.parents)
 
     def force_end(self) -> list[tuple[int, str]]:
         """End a closed task whose history stays incomplete; return what is wrong with it."""
         self.ended = True
+        self.forced = True
         self._settle()
         return self.problems()
 
@@ -251,18 +254,22 @@ class TaskMachine:
         elif event is Event.RETRY:
             self._xor ^= branch
             self.failed.discard(branch)
-            self.ended = False
+            self.forced = False
         if event in (Event.ERROR, Event.TIMEOUT) and error:
             self.error = error
 
+        if self.closed and not self.problems():
+            self.ended = True
+        elif not self.forced:
+            # not closed, or a gap: a new event after the end (the first events of a
+            # retry may arrive before its RETRY) reopens the task until it is whole again
+            self.ended = False
         head = self.heads.get(branch)
         if head is None or where > head.position:
             self.heads[branch] = Head(where, event, step, attempt)
             if self.state is None or not self.ended:
                 self.state, self.step, self.attempt = event, step or self.step, attempt
                 self.deadline = deadline
-        if not self.ended and self.closed and not self.problems():
-            self.ended = True
         if self.ended:
             self._settle()
         return Outcome(self.tseq, "", self.ended)
@@ -275,12 +282,15 @@ class TaskMachine:
         self._xor ^= parent
         for child in children:
             self._xor ^= child
+            self.parents[child] = parent
 
 
 SENDS: Final = frozenset({Event.SEND, Event.PROPAGATE, Event.RETRY})
 
 
-def check_history(history: list[tuple[Position, int, Event, int]]) -> list[tuple[int, str]]:
+def check_history(
+    history: list[tuple[Position, int, Event, int]], parents: Mapping[int, int] | None = None
+) -> list[tuple[int, str]]:
     """Transitions that cannot happen, as (tseq, reason), checking each branch in position order.
 
     Besides the event names (:data:`NEXT`), a transition must keep its place: a
@@ -289,17 +299,26 @@ def check_history(history: list[tuple[Position, int, Event, int]]) -> list[tuple
     TIMEOUT is the next try (attempt + 1), and the events of one try share its
     attempt. So a hop whose events never arrived is seen as a gap.
 
-    A branch other than the root starts after its parent's END (a fan-out), so
-    its first event must be one that may follow END.
+    A branch other than the root (a fan-out) goes on from its parent's last
+    event (``parents`` maps it to its parent): the parent must have got there.
     """
     problems: list[tuple[int, str]] = []
     by_branch: dict[int, list[tuple[Position, Event, int]]] = {}
     for where, branch, event, tseq in history:
         by_branch.setdefault(branch, []).append((where, event, tseq))
-    for branch, events in by_branch.items():
+    for events in by_branch.values():
         events.sort()
-        prev: Event | None = None if branch == ROOT else Event.END
+    for branch, events in by_branch.items():
+        prev: Event | None = None
         prev_at: Position | None = None
+        if branch != ROOT:
+            parent = (parents or {}).get(branch)
+            if parent is None or parent not in by_branch:
+                problems.append(
+                    (events[0][2], f"branch {branch} came from a branch with no events seen")
+                )
+                continue
+            prev_at, prev, _ = by_branch[parent][-1]
         for at, event, tseq in events:
             reason = _transition_problem(prev, prev_at, event, at)
             if reason:
@@ -318,7 +337,9 @@ def _transition_problem(
         return ""  # the first event of a branch: nothing to keep up with
     (prev_seq, prev_attempt, _), (seq, attempt, _) = prev_at, at
     if event in SENDS:
-        if seq != prev_seq + 1 and not (event is prev and seq == prev_seq):
+        # a resend (SEND after SEND) is the same message again; any other send is the next
+        wanted = prev_seq if event is prev else prev_seq + 1
+        if seq != wanted:
             return f"{event} of message {seq} after {prev} of message {prev_seq}: a gap"
         return ""
     if seq != prev_seq:

@@ -100,8 +100,10 @@ class Journal:
                 break  # torn write at the end: the process died mid-append
             try:
                 item = msgpack.unpackb(data[offset + 4 : offset + 4 + length], raw=False)
+                if type(item) is not list or not item:
+                    break
                 _apply(found, item)
-            except (ValueError, TypeError, MessageError, msgpack.UnpackException):
+            except (ValueError, TypeError, LookupError, MessageError, msgpack.UnpackException):
                 break  # garbage from here on: keep what came before
             offset += 4 + length
         return found
@@ -110,7 +112,10 @@ class Journal:
 
     def open(self, replay: Replay) -> None:
         """Start a fresh file holding only what ``replay`` still needs, then append to it."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        try:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        except OSError as exc:
+            raise JournalError(f"cannot create the journal's directory: {exc}") from exc
         self.rewrite(replay.epoch, replay.tasks.items(), replay.events, replay.confirmed)
 
     def rewrite(
@@ -199,9 +204,26 @@ class Journal:
             self._fd = -1
 
 
+_SHAPES: Final[dict[str, tuple[int, type[Any]]]] = {  # kind -> (length, type of item 1)
+    "epoch": (2, int),
+    "accept": (3, list),
+    "attempt": (3, list),
+    "finished": (3, list),
+    "forward": (3, list),
+    "done": (2, list),
+    "events": (2, list),
+    "confirmed": (2, int),
+}
+
+
 def _apply(found: Replay, item: Any) -> None:
     kind = item[0]
+    shape = _SHAPES.get(kind) if type(kind) is str else None
+    if shape is None or len(item) != shape[0] or type(item[1]) is not shape[1]:
+        raise ValueError(f"not a journal record: {item!r:.60}")
     if kind == "epoch":
+        if item[1] <= 0:
+            raise ValueError("epoch must be positive")
         found.epoch = int(item[1])
     elif kind == "accept":
         found.tasks[_key(item[1])] = Entry([bytes(f) for f in item[2]])

@@ -263,7 +263,7 @@ class Counters:
     failed: int = 0
     duplicates: int = 0
     refused: int = 0
-    malformed: int = 0
+    malformed: collections.Counter[str] = field(default_factory=collections.Counter)
     durations: collections.deque[float] = field(
         default_factory=lambda: collections.deque(maxlen=512)
     )
@@ -357,8 +357,8 @@ class FixedPoint:
         return self.node.split(".", 1)[0]
 
     def malformed(self, where: str, exc: MessageError) -> None:
-        """Count a bad message and log it, at most once a second."""
-        self.counters.malformed += 1
+        """Count a bad message per socket and log it, at most once a second."""
+        self.counters.malformed[where] += 1
         now = time.monotonic()
         if now - self.malformed_logged > 1.0:
             self.malformed_logged = now
@@ -366,7 +366,7 @@ class FixedPoint:
                 "%s: malformed message on %s (%d so far): %s",
                 self.node,
                 where,
-                self.counters.malformed,
+                sum(self.counters.malformed.values()),
                 exc,
             )
 
@@ -471,7 +471,7 @@ class FixedPoint:
             "failed": c.failed,
             "duplicates": c.duplicates,
             "refused": c.refused,
-            "malformed": c.malformed,
+            "malformed": dict(c.malformed),  # per socket: in, work, out, events, submit
             "forwarding": len(self.outbox.pending),
             "events_backlog": self.reporter.backlog,
             "mean": sum(durations) / len(durations) if durations else 0.0,
@@ -1181,6 +1181,9 @@ class ForwardRouter(Router):
             item = self.items.get(self.queue.popleft())
             if item is None or item.state != "queued":
                 continue
+            item.state = "held"
+            self.event(item.envelope, Event.START, attempt=item.attempt)
+            started = time.monotonic()
             targets: list[str] = []
             error = ""
             try:
@@ -1202,12 +1205,13 @@ class ForwardRouter(Router):
                 self.event(item.envelope, Event.ERROR, attempt=item.attempt, error=error)
                 self.give_up(item, error)  # a condition will not change its mind: no retry
                 continue
-            children = self.children(item, tuple(targets))
-            if not children:
-                self.happy_end(item, item.payload, item.envelope.serialization)
-                continue
-            forwards = self.forward(item, item.payload, item.envelope.serialization, children)
-            self.journal.forward(item.key, forwards)
+            self.ended(
+                item,
+                item.payload,
+                item.envelope.serialization,
+                tuple(targets),
+                time.monotonic() - started,
+            )
 
 
 ROUTERS: Final[dict[Kind, type[Router]]] = {

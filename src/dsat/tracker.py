@@ -83,7 +83,10 @@ class Tracker:
         self.closing: dict[str, float] = {}  # closed tasks waiting for missing events
         self.producers: dict[str, tuple[int, int]] = store.producers()
         self.loads: dict[str, collections.deque[dict[str, Any]]] = {}
-        self.malformed = 0
+        self.node_names = {
+            node.name for name in topology.satellites for node in topology.nodes(name)
+        }
+        self.malformed: collections.Counter[str] = collections.Counter()  # per socket
         self.anomalies = 0
         self.applied = 0
         self.last_prune = 0.0
@@ -138,7 +141,7 @@ class Tracker:
                     raise MessageError("events: need one frame of records")
                 records = unpack_records(message.extra[0])
             except MessageError as exc:
-                self._malformed(exc)
+                self._malformed("events", exc)
                 continue
             known_epoch, last = self.producers.get(producer, (epoch, first - 1))
             if known_epoch != epoch:
@@ -178,7 +181,7 @@ class Tracker:
             deadline=float(detail.get("deadline", 0.0)),
         )
         flag = outcome.flag
-        if was_over and not flag and record.event is not Event.RETRY:
+        if was_over and machine.over and not flag and record.event is not Event.RETRY:
             flag = "anomaly: after the task ended"
             machine.anomalies += 1
             self.anomalies += 1
@@ -321,6 +324,8 @@ class Tracker:
     def _load(self, body: Any) -> None:
         node = field_of(body, "node", str, "load")
         satellite = body.get("satellite", self.satellite)
+        if satellite not in self.topology.satellites or node not in self.node_names:
+            raise MessageError(f"load: no node {node!r:.40} on satellite {satellite!r:.40}")
         history = self.loads.setdefault(f"{satellite}/{node}", collections.deque(maxlen=64))
         body["received"] = time.time()
         history.append(body)
@@ -345,12 +350,18 @@ class Tracker:
             view[name] = latest
         return view
 
-    def _malformed(self, exc: MessageError) -> None:
-        self.malformed += 1
+    def _malformed(self, where: str, exc: MessageError) -> None:
+        """Count a bad message per socket and log it, at most once a second."""
+        self.malformed[where] += 1
         now = time.monotonic()
         if now - self.last_malformed_log > 1.0:
             self.last_malformed_log = now
-            log.warning("tracker: malformed message (%d so far): %s", self.malformed, exc)
+            log.warning(
+                "tracker: malformed message on %s (%d so far): %s",
+                where,
+                sum(self.malformed.values()),
+                exc,
+            )
 
     # -- queries
 
@@ -368,7 +379,7 @@ class Tracker:
                 result = self._query(message.body)
                 reply = {"ref": ref, "ok": True, "result": result}
             except MessageError as exc:
-                self._malformed(exc)
+                self._malformed("query", exc)
                 reply = {"ref": ref, "ok": False, "error": str(exc)}
             except StoreError as exc:
                 reply = {"ref": ref, "ok": False, "error": str(exc)}
@@ -397,7 +408,7 @@ class Tracker:
             return {
                 "live": len(self.live),
                 "applied": self.applied,
-                "malformed": self.malformed,
+                "malformed": dict(self.malformed),
                 "anomalies": self.anomalies,
                 "counts": self.store.counts(),
             }

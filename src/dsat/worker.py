@@ -128,8 +128,12 @@ class Attempt:
     targets: tuple[str, ...] = ()
 
 
+_armed = False  # True only while a step function runs: a late alarm must not fire outside
+
+
 def _on_alarm(signum: int, frame: FrameType | None) -> None:
-    raise StepTimeoutError()
+    if _armed:
+        raise StepTimeoutError()
 
 
 def run_attempt(
@@ -144,21 +148,27 @@ def run_attempt(
     The timeout interrupts Python code with SIGALRM (the main thread only); a
     function stuck where a signal cannot reach it is the router's to kill.
     """
+    global _armed
     started = time.monotonic()
     previous = signal.signal(signal.SIGALRM, _on_alarm)
-    signal.setitimer(signal.ITIMER_REAL, timeout)
     try:
-        value = func(payload, task)
-    except StepTimeoutError:
-        return Attempt(
-            "TIMEOUT",
-            error=f"ran past its timeout of {timeout:g}s",
-            elapsed=time.monotonic() - started,
-        )
-    except Exception as exc:  # the user's function failed: that is an ERROR event, not ours
-        return Attempt("ERROR", error=_describe(exc), elapsed=time.monotonic() - started)
+        try:
+            _armed = True
+            signal.setitimer(signal.ITIMER_REAL, timeout)
+            try:
+                value = func(payload, task)
+            finally:
+                _armed = False  # first: the alarm may fire during this very block
+                signal.setitimer(signal.ITIMER_REAL, 0)
+        except StepTimeoutError:
+            return Attempt(
+                "TIMEOUT",
+                error=f"ran past its timeout of {timeout:g}s",
+                elapsed=time.monotonic() - started,
+            )
+        except Exception as exc:  # the user's function failed: that is an ERROR event, not ours
+            return Attempt("ERROR", error=_describe(exc), elapsed=time.monotonic() - started)
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
     elapsed = time.monotonic() - started
     if elapsed > timeout:  # it caught StepTimeoutError itself, or the alarm came too late

@@ -103,6 +103,7 @@ class SqliteStore:
                 self._db = sqlite3.connect(
                     f"file:{path}?mode=ro", uri=True, isolation_level=None, timeout=10
                 )
+                self._check_version(create=False)
             else:
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 self._db = sqlite3.connect(path, isolation_level=None, timeout=10)
@@ -115,8 +116,13 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
 
-    def _check_version(self) -> None:
-        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    def _check_version(self, *, create: bool = True) -> None:
+        try:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"store {self.path}: not a dsat store ({exc})") from exc
+        if row is None and not create:
+            raise StoreError(f"store {self.path}: not a dsat store (no schema version)")
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif int(row[0]) != SCHEMA_VERSION:
@@ -137,20 +143,29 @@ class SqliteStore:
         """Write a batch in one transaction: all of it lands, or none."""
         if not batch:
             return
+        try:
+            # every value encoded before the transaction begins: a bad one fails alone
+            events = [_event_params(e) for e in batch.events]
+            tasks = [_task_params(t) for t in batch.tasks.values()]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise StoreError(
+                f"store {self.path}: could not write {len(batch.events)} events: "
+                f"cannot encode: {exc}"
+            ) from exc
         db = self._db
         try:
             db.execute("BEGIN")
-            if batch.events:
+            if events:
                 db.executemany(
                     f"INSERT OR REPLACE INTO events ({_EVENT_COLUMNS}) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_event_params(e) for e in batch.events],
+                    events,
                 )
-            if batch.tasks:
+            if tasks:
                 db.executemany(
                     f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [_task_params(t) for t in batch.tasks.values()],
+                    tasks,
                 )
             if batch.results:
                 db.executemany(
@@ -192,7 +207,7 @@ class SqliteStore:
                     [(name, epoch, eseq) for name, (epoch, eseq) in batch.producers.items()],
                 )
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, TypeError, ValueError, OverflowError) as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise StoreError(
