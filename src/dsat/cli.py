@@ -119,10 +119,92 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
+    if args.pools == bool(args.task):
+        raise DsatError("watch: give a task id, or --pools (not both)")
     with _client(args) as client:
+        if args.pools:
+            for decision in client.decisions(timeout=args.for_seconds):
+                print(
+                    f"{_time(decision.get('at'), precise=True)} autoscale "
+                    f"{decision.get('satellite')}/{decision.get('pool')}: "
+                    f"{decision.get('before')} -> {decision.get('after')} workers "
+                    f"({decision.get('reason')})",
+                    flush=True,
+                )
+            return 0
         for event in client.status_for(args.task, timeout=args.for_seconds):
             print(_event_line(event), flush=True)
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    args.topology = args.topology_file
+    with _client(args) as client:
+        deadline = time.monotonic() + args.duration if args.duration else None
+        while True:
+            frame = _top_frame(client)
+            if sys.stdout.isatty() and not args.once:
+                sys.stdout.write("\x1b[H\x1b[2J")  # home, clear: a table that refreshes
+            print(frame, flush=True)
+            if args.once or (deadline and time.monotonic() >= deadline):
+                return 0
+            time.sleep(1.0)
+
+
+def _top_frame(client: Any) -> str:
+    pools = client.pools()
+    loads = client.load()
+    lines = [
+        f"dsat top  {time.strftime('%H:%M:%S')}  satellite {client.satellite}",
+        "",
+        f"{'pool':24} {'workers min/now/max':>19} {'busy':>5} {'idle':>5} {'queued':>7} "
+        f"{'done/s':>8} {'errors/s':>8} {'mean':>8} {'p95':>8}  last scaling",
+    ]
+    shown = set()
+    for name, pool in sorted(pools.items()):
+        load = loads.get(f"{pool['satellite']}/{pool['pool']}.queue")
+        shown.add(f"{pool['satellite']}/{pool['pool']}.queue")
+        decisions = pool.get("decisions") or []
+        last = decisions[-1] if decisions else None
+        scaling = (
+            f"{last['before']} -> {last['after']} at {_time(last['at'])[11:]}" if last else "-"
+        )
+        if load is None:
+            lines.append(f"{name:24} {pool['min']:>7}/{'?':>3}/{pool['max']:<3}   (no report yet)")
+            continue
+        workers = f"{pool['min']}/{load.workers}/{pool['max']}"
+        lines.append(
+            f"{name:24} {workers:>19} {load.busy:>5} {load.idle:>5} {load.queued:>7} "
+            f"{load.done_per_s:>8.1f} {load.errors_per_s:>8.2f} {_ms(load.mean):>8} "
+            f"{_ms(load.p95):>8}  {scaling}"
+        )
+    others = [(name, load) for name, load in sorted(loads.items()) if name not in shown]
+    if others:
+        lines += [
+            "",
+            f"{'node':24} {'role':>10} {'queued':>7} {'held':>5} {'done/s':>8} "
+            f"{'errors/s':>8} {'malformed':>9}",
+        ]
+        for name, load in others:
+            lines.append(
+                f"{name:24} {load.role:>10} {load.queued:>7} {load.held:>5} "
+                f"{load.done_per_s:>8.1f} {load.errors_per_s:>8.2f} {load.malformed_total:>9}"
+            )
+    stats = client.stats()
+    malformed = sum(load.malformed_total for load in loads.values()) + sum(
+        stats.get("malformed", {}).values()
+    )
+    lines += [
+        "",
+        f"tracker: {stats.get('live', 0)} live tasks, {stats.get('applied', 0)} "
+        f"events applied, {stats.get('anomalies', 0)} anomalies; "
+        f"malformed messages: {malformed}",
+    ]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}ms" if seconds else "-"
 
 
 def _tasks(args: argparse.Namespace) -> int:
@@ -270,9 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     watch = client_command(
         "watch",
         "follow a task's events live until it ends (status_for)",
-        "Print a task's events as they happen, from its first one, until it ends.",
+        "Print a task's events as they happen, from its first one, until it ends; or, with "
+        "--pools, every autoscaling decision as it is made.",
     )
-    watch.add_argument("task", help="the task id")
+    watch.add_argument("task", nargs="?", help="the task id")
+    watch.add_argument(
+        "--pools",
+        action="store_true",
+        help="print the autoscaling decisions of every pool as they are made",
+    )
     watch.add_argument(
         "--for",
         dest="for_seconds",
@@ -281,6 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="give up after this many seconds",
     )
     watch.set_defaults(handler=_watch)
+
+    top = commands.add_parser(
+        "top",
+        help="the live load of every pool, refreshed every second",
+        description="Show each pool's workers (min/now/max), busy and idle workers, queue "
+        "length, tasks done and errors per second, mean and p95 task time, and its last "
+        "autoscaling decision; then the other nodes; refreshed every second until Ctrl-C.",
+    )
+    top.add_argument("topology_file", metavar="topology", help="the topology file")
+    top.add_argument("--satellite", help="which satellite (default: the first one)")
+    top.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds to wait for the satellite"
+    )
+    top.add_argument("--once", action="store_true", help="print the table once and exit")
+    top.add_argument(
+        "--for", dest="duration", type=float, metavar="SECONDS", help="stop after this long"
+    )
+    top.set_defaults(handler=_top)
 
     tasks = client_command(
         "tasks",

@@ -35,6 +35,7 @@ from dsat.message import (
     dumps,
     loads,
 )
+from dsat.metrics import NodeLoad
 from dsat.topology import ORCHESTER, TRACKER, Topology, get_connection, load_topology
 
 TERMINAL_STATES: Final = frozenset({"HAPPY_END", "FAILURE"})
@@ -425,9 +426,39 @@ class Client:
         )
         return [_summary(row) for row in rows]
 
-    def load(self) -> dict[str, dict[str, Any]]:
-        """The live load of every node: queued, busy, idle, done/s, errors/s..."""
-        return dict(self._query_op("load"))
+    def load(self) -> dict[str, NodeLoad]:
+        """The live load of every node ("SATELLITE/NODE"): queued, busy, idle, done/s..."""
+        return {
+            name: NodeLoad.from_report(report) for name, report in self._query_op("load").items()
+        }
+
+    def pools(self) -> dict[str, dict[str, Any]]:
+        """Every pool ("SATELLITE/POOL"): its bounds, its queue's load, its last scalings."""
+        return dict(self._query_op("pools"))
+
+    def decisions(self, *, timeout: float | None = None) -> Iterator[dict[str, Any]]:
+        """Autoscaling decisions, live, as they are made (forever, or until ``timeout``)."""
+        sub = self._subscriber()
+        sub.setsockopt(zmq.SUBSCRIBE, b"@pools")
+        deadline = time.monotonic() + timeout if timeout is not None else None
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                left = 1.0 if deadline is None else deadline - time.monotonic()
+                if not sub.poll(int(max(0.0, left) * 1000) + 1):
+                    continue
+                frames = sub.recv_multipart()
+                if len(frames) != 3 or frames[0] != b"@pools":
+                    continue
+                try:
+                    check_protocol(frames[1])
+                    decision = msgpack.unpackb(frames[2], raw=False)
+                except (MessageError, ValueError, TypeError, msgpack.UnpackException):
+                    continue
+                if type(decision) is dict:
+                    yield decision
+        finally:
+            if not self._context.closed:
+                sub.setsockopt(zmq.UNSUBSCRIBE, b"@pools")
 
     def stats(self) -> dict[str, Any]:
         """The tracker's own figures: live tasks, events applied, malformed, anomalies."""

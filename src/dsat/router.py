@@ -627,6 +627,10 @@ class Router(FixedPoint):
                 self.malformed("in", exc)
                 continue
             envelope = vector.envelope
+            if envelope.serialization == "pickle" and not self.topology.defaults.allow_pickle:
+                # never unpickled, never passed on: unpickling runs code
+                self.malformed("in", MessageError("a pickle payload, and pickle is not enabled"))
+                continue
             key = (envelope.task_id, envelope.branch, envelope.seq)
             if key in self.items or key in self.recent:
                 self.counters.duplicates += 1
@@ -902,6 +906,10 @@ class QueueRouter(Router):
         wid = field_of(body, "wid", str, "credit")
         worker = self.workers.get(identity)
         if worker is None:
+            if parent_of(pid) != os.getppid():
+                # only our pool's processes (circus starts them beside us) may take tasks:
+                # we kill a worker past its timeout, and that must never be a stranger
+                raise MessageError(f"credit from pid {pid}, which is not a worker of this pool")
             worker = WorkerInfo(identity, pid, wid)
             try:
                 worker.pidfd = os.pidfd_open(pid)
@@ -931,11 +939,15 @@ class QueueRouter(Router):
         if set(targets) - set(self.outbox.sockets):
             raise MessageError(f"result: unknown next step in {targets!r:.80}")
         worker = self.workers.get(identity)
-        if worker is not None:
-            worker.held.discard(key)
-            if not worker.leaving:
-                worker.credit += 1
-                self.ready.append(identity)
+        if worker is None:
+            # not (or no longer) one of our workers: a worker of the router we replaced
+            # after a crash; its task went back to the queue when we replayed the journal
+            self.counters.duplicates += 1
+            return
+        worker.held.discard(key)
+        if not worker.leaving:
+            worker.credit += 1
+            self.ready.append(identity)
         item = self.items.get(key)
         if (
             item is None
@@ -945,8 +957,7 @@ class QueueRouter(Router):
         ):
             self.counters.duplicates += 1  # a stale answer (the task went to another worker)
             return
-        wid = worker.wid if worker else ""
-        pid = worker.pid if worker else 0
+        wid, pid = worker.wid, worker.pid
         item.worker = b""
         if status == "END":
             self.ended(
@@ -1081,6 +1092,16 @@ class QueueRouter(Router):
         for worker in self.workers.values():
             os.close(worker.pidfd)
         self.work.close(linger=0)
+
+
+def parent_of(pid: int) -> int:
+    """The parent pid of a process (Linux /proc), or -1 when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat = file.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
 
 
 def _with_attempt(envelope: Envelope, attempt: int) -> Envelope:

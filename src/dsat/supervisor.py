@@ -17,6 +17,7 @@ on the results and keeps what is still queued in its journal), the tracker last.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import fcntl
 import json
@@ -32,6 +33,7 @@ from datetime import datetime
 from typing import Any, Final, Protocol
 
 from dsat.errors import DsatError
+from dsat.metrics import Sample, desired_workers
 from dsat.node import SUPERVISOR_ENV, die_with_parent
 from dsat.topology import (
     ORCHESTER,
@@ -357,14 +359,20 @@ class Satellite:
         self.stop_requested += 1
 
     def wait(self, duration: float | None = None) -> None:
-        """Keep running until a stop is asked for, ``duration`` passes, or circus dies."""
+        """Keep running (and scaling) until a stop is asked for, ``duration`` passes, or
+        circus dies."""
         deadline = time.monotonic() + duration if duration else None
-        while not self.stop_requested:
-            if not self.manager.alive():
-                raise SupervisorError(f"the circus arbiter died; see {self.run_dir}/circus.log")
-            if deadline and time.monotonic() >= deadline:
-                return
-            time.sleep(0.2)
+        scaler = Autoscaler(self.topology, self.name, self.manager)
+        try:
+            while not self.stop_requested:
+                if not self.manager.alive():
+                    raise SupervisorError(f"the circus arbiter died; see {self.run_dir}/circus.log")
+                if deadline and time.monotonic() >= deadline:
+                    return
+                scaler.tick(time.monotonic())
+                time.sleep(0.2)
+        finally:
+            scaler.close()
 
     def stop(self) -> None:
         """Stop in order: nothing accepted is dropped; queued tasks stay in journals."""
@@ -378,6 +386,101 @@ class Satellite:
         finally:
             self.manager.quit()
             os.close(self._lock)
+
+
+class Autoscaler:
+    """Each second, reads every pool's load from the tracker and applies desired_workers."""
+
+    def __init__(self, topology: Topology, satellite: str, manager: ProcessManager) -> None:
+        import zmq
+
+        from dsat.client import connect
+        from dsat.topology import TRACKER, get_connection
+
+        self.topology = topology
+        self.satellite = satellite
+        self.manager = manager
+        self.pools = [
+            s
+            for s in topology.hosted(satellite)
+            if s.kind is Kind.POOL and s.workers.min < s.workers.max
+        ]
+        self.counts = {s.name: s.workers.min for s in self.pools}
+        self.last_change = {s.name: -1e9 for s in self.pools}
+        self.history: dict[str, collections.deque[Sample]] = {
+            s.name: collections.deque(maxlen=int(s.autoscale.idle_after) + 30) for s in self.pools
+        }
+        self.next_look = 0.0
+        self.client = connect(topology, satellite=satellite, timeout=1.0) if self.pools else None
+        self._context = zmq.Context() if self.pools else None
+        self.report: Any = None
+        if self._context is not None:
+            self.report = self._context.socket(zmq.DEALER)
+            self.report.setsockopt(zmq.LINGER, 0)
+            plan = get_connection(topology, TRACKER, satellite=satellite)
+            self.report.connect(plan.socket("events").addresses[0])
+
+    def tick(self, now: float) -> None:
+        if not self.pools or now < self.next_look or self.client is None:
+            return
+        self.next_look = now + 1.0
+        try:
+            loads = self.client.load()
+        except DsatError:
+            return  # the tracker is restarting: look again next second
+        for step in self.pools:
+            load = loads.get(f"{self.satellite}/{step.name}.queue")
+            if load is None or load.age > 3.0:
+                continue
+            history = self.history[step.name]
+            history.append(Sample(now, load.workers, load.busy, load.idle, load.queued))
+            current = self.counts[step.name]
+            wanted = desired_workers(
+                history,
+                current,
+                step.workers.min,
+                step.workers.max,
+                step.autoscale,
+                now=now,
+                last_change=self.last_change[step.name],
+            )
+            if wanted == current:
+                continue
+            reason = (
+                f"busy {load.busy}, idle {load.idle}, queued {load.queued}, "
+                f"{load.done_per_s:.1f} done/s"
+            )
+            try:
+                self.manager.scale(step.name, wanted)
+            except SupervisorError as exc:
+                log.warning("autoscale %s: %d -> %d failed: %s", step.name, current, wanted, exc)
+                continue
+            log.info("autoscale %s: %d -> %d workers (%s)", step.name, current, wanted, reason)
+            self.counts[step.name] = wanted
+            self.last_change[step.name] = now
+            self._publish(step.name, current, wanted, reason)
+
+    def _publish(self, pool: str, before: int, after: int, reason: str) -> None:
+        import zmq
+
+        from dsat.message import control
+
+        body = {
+            "pool": pool,
+            "satellite": self.satellite,
+            "before": before,
+            "after": after,
+            "reason": reason,
+        }
+        with contextlib.suppress(zmq.Again):
+            self.report.send_multipart(control("scale", body), zmq.NOBLOCK)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self._context is not None:
+            self.report.close(linger=0)
+            self._context.term()
 
 
 def _new_run_dir(state_dir: str) -> str:

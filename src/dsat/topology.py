@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from dsat.errors import Problem, TopologyError
 from dsat.message import DEFAULT_MAX_SIZE, SERIALIZATIONS
+from dsat.metrics import Autoscale
 
 
 class Kind(StrEnum):
@@ -120,6 +121,7 @@ class Step:
     max_queue: int = 10_000
     port: int = 0  # explicit tcp port on its satellites; 0 = allocated
     options: Mapping[str, Any] = field(default_factory=dict)  # handed to the function as is
+    autoscale: Autoscale = field(default_factory=Autoscale)  # pools: when to add, remove workers
 
 
 @dataclass(frozen=True)
@@ -521,6 +523,7 @@ _STEP_FIELDS: Final = (
     "max_queue",
     "port",
     "options",
+    "autoscale",
 )
 _LINK_FIELDS: Final = ("from", "to", "pattern", "when")
 _STORE_FIELDS: Final = ("url", "retention", "max_result_size")
@@ -799,6 +802,25 @@ class _Loader:
             max_queue=self.count(table, "max_queue", where, defaults.max_queue, 1, 100_000_000),
             port=self.count(table, "port", where, 0, 0, 65535),
             options=self.get(table, "options", dict, where, {}),
+            autoscale=self.autoscale(table, kind, where),
+        )
+
+    def autoscale(self, table: dict[str, Any], kind: Kind, where: str) -> Autoscale:
+        if "autoscale" not in table:
+            return Autoscale()
+        if kind is not Kind.POOL:
+            self.problem(where, f"autoscale: only pools scale, this is a {kind}")
+            return Autoscale()
+        knobs = self.table(
+            table["autoscale"], where + ".autoscale", ("up_after", "idle_after", "cooldown")
+        )
+        base = Autoscale()
+        return Autoscale(
+            up_after=self.duration(knobs, "up_after", where + ".autoscale", base.up_after),
+            idle_after=self.duration(knobs, "idle_after", where + ".autoscale", base.idle_after),
+            cooldown=self.duration(
+                knobs, "cooldown", where + ".autoscale", base.cooldown, positive=False
+            ),
         )
 
     def workers(self, value: object, where: str) -> Workers:

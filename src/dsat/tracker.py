@@ -49,6 +49,8 @@ MAX_BATCHES: Final = 64  # event batches read per cycle
 ENDED_CACHE: Final = 10_000  # ended tasks kept in memory, for their late events
 END_GRACE: Final = 5.0  # seconds a closed task may wait for missing events before it ends
 LOAD_TOPIC: Final = b"@load"
+POOLS_TOPIC: Final = b"@pools"  # autoscaling decisions, live
+DECISIONS_KEPT: Final = 200
 PRUNE_EVERY: Final = 600.0
 LOAD_WINDOW: Final = 10.0  # seconds of load reports kept, for rates
 
@@ -83,6 +85,7 @@ class Tracker:
         self.closing: dict[str, float] = {}  # closed tasks waiting for missing events
         self.producers: dict[str, tuple[int, int]] = store.producers()
         self.loads: dict[str, collections.deque[dict[str, Any]]] = {}
+        self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=DECISIONS_KEPT)
         self.node_names = {
             node.name for name in topology.satellites for node in topology.nodes(name)
         }
@@ -128,11 +131,14 @@ class Tracker:
             try:
                 message = decode_control(
                     frames,
-                    frozenset({"events", "load"}),
+                    frozenset({"events", "load", "scale"}),
                     max_size=self.topology.defaults.max_message_size,
                 )
                 if message.kind == "load":
                     self._load(message.body)
+                    continue
+                if message.kind == "scale":
+                    published.append(self._scale(message.body))
                     continue
                 producer = field_of(message.body, "producer", str, "events")
                 epoch = field_of(message.body, "epoch", int, "events")
@@ -333,6 +339,50 @@ class Tracker:
         while history and now - history[0]["received"] > LOAD_WINDOW:
             history.popleft()
 
+    def _scale(self, body: Any) -> list[bytes]:
+        """An autoscaling decision: keep it (the latest ones) and publish it."""
+        pool = field_of(body, "pool", str, "scale")
+        satellite = field_of(body, "satellite", str, "scale")
+        before = field_of(body, "before", int, "scale")
+        after = field_of(body, "after", int, "scale")
+        reason = field_of(body, "reason", str, "scale")
+        step = self.topology.steps.get(pool)
+        if step is None or satellite not in step.satellites or not 0 <= after <= 1024:
+            raise MessageError(f"scale: no pool {pool!r:.40} on satellite {satellite!r:.40}")
+        decision = {
+            "pool": pool,
+            "satellite": satellite,
+            "before": before,
+            "after": after,
+            "reason": reason[:200],
+            "at": time.time(),
+        }
+        self.decisions.append(decision)
+        log.info("autoscale %s/%s: %d -> %d workers (%s)", satellite, pool, before, after, reason)
+        return [POOLS_TOPIC, PROTOCOL_FRAME, msgpack.packb(decision, use_bin_type=True)]
+
+    def pools_view(self) -> dict[str, Any]:
+        """Every pool of the topology: bounds, workers now, its queue's load, last decisions."""
+        loads = self.load_view()
+        pools: dict[str, Any] = {}
+        for name, step in self.topology.steps.items():
+            if str(step.kind) != "pool":
+                continue
+            for satellite in step.satellites:
+                queue = loads.get(f"{satellite}/{name}.queue", {})
+                last = [
+                    d for d in self.decisions if d["pool"] == name and d["satellite"] == satellite
+                ]
+                pools[f"{satellite}/{name}"] = {
+                    "pool": name,
+                    "satellite": satellite,
+                    "min": step.workers.min,
+                    "max": step.workers.max,
+                    "load": queue,
+                    "decisions": last[-5:],
+                }
+        return pools
+
     def load_view(self) -> dict[str, Any]:
         """The latest load of every node, with done/s and errors/s over the last seconds."""
         view: dict[str, Any] = {}
@@ -401,6 +451,8 @@ class Tracker:
             return self._tasks(body)
         if op == "load":
             return self.load_view()
+        if op == "pools":
+            return self.pools_view()
         if op == "dead_letter":
             letter = self.store.dead_letter(field_of(body, "task_id", str, "query"))
             return asdict(letter) if letter else None
