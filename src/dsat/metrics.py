@@ -47,6 +47,9 @@ class NodeLoad:
     refused: int = 0
     duplicates: int = 0
     malformed: Mapping[str, int] = field(default_factory=dict)  # per socket
+    ticks: int = 0  # sources: ticks seen, tasks sent, ticks skipped (pushed back)
+    sent: int = 0
+    skipped: int = 0
     done_per_s: float = 0.0
     errors_per_s: float = 0.0
     mean: float = 0.0  # seconds per task, recent tasks

@@ -46,6 +46,7 @@ log = logging.getLogger("dsat.tracker")
 Context = zmq.Context[zmq.Socket[bytes]]
 
 MAX_BATCHES: Final = 64  # event batches read per cycle
+_MAX_INT: Final = 2**63 - 1
 ENDED_CACHE: Final = 10_000  # ended tasks kept in memory, for their late events
 END_GRACE: Final = 5.0  # seconds a closed task may wait for missing events before it ends
 LOAD_TOPIC: Final = b"@load"
@@ -444,8 +445,8 @@ class Tracker:
         if op == "events":
             task_id = field_of(body, "task_id", str, "query")
             after = body.get("after", 0)
-            if type(after) is not int:
-                raise MessageError("query events: after must be an integer")
+            if type(after) is not int or not 0 <= after <= _MAX_INT:
+                raise MessageError("query events: after must be an integer in 0..2**63-1")
             return [_event_dict(e) for e in self.store.events(task_id, after)]
         if op == "tasks":
             return self._tasks(body)
@@ -487,8 +488,8 @@ class Tracker:
                     raise MessageError(f"query tasks: {name} must be a string")
                 filters[name] = value
         limit = body.get("limit", 100)
-        if type(limit) is not int:
-            raise MessageError("query tasks: limit must be an integer")
+        if type(limit) is not int or not 0 <= limit <= _MAX_INT:
+            raise MessageError("query tasks: limit must be an integer in 0..2**63-1")
         now = time.time()
         if body.get("stuck") or filters.get("state") == "UNKNOWN":
             live = self.store.tasks(live=True, limit=1_000_000)

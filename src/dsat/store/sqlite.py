@@ -134,7 +134,7 @@ class SqliteStore:
     def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
         try:
             yield self._db
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OverflowError) as exc:  # OverflowError: an int SQLite can't hold
             raise StoreError(f"store {self.path}: cannot read {what}: {exc}") from exc
 
     # -- writing

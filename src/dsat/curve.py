@@ -1,0 +1,170 @@
+"""Secure links between satellites: CURVE keys, an allow-list, and who was turned away.
+
+Links between satellites (tcp) are CURVE-encrypted. CURVE alone lets in any
+client that knows the server's public key, so every process that binds a tcp
+socket also runs a ZAP handler with an allow-list: the public keys of the
+topology's satellites and of its declared clients. A client with another key,
+or without CURVE at all, completes no handshake: none of its messages reaches
+the application. Each refusal is counted per socket and logged (at most once
+a second).
+
+Sockets on ``ipc://`` stay plain: they live in the satellite's private (0700)
+runtime directory, which only its user can reach.
+
+Keys are z85 text files made by ``dsat keys generate NAME``: ``NAME.key`` (the
+public key, to share) and ``NAME.key_secret`` (the secret key, mode 0600).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Final
+
+import zmq
+import zmq.auth.thread
+
+from dsat.errors import DsatError
+
+log = logging.getLogger("dsat.curve")
+
+Context = zmq.Context[zmq.Socket[bytes]]
+
+FAILED: Final = (
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)
+
+
+class CurveKeyError(DsatError):
+    """A key file is missing, unreadable, or not a CURVE key."""
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """A CURVE key pair, z85 text."""
+
+    public: bytes
+    secret: bytes
+
+
+def generate(name: str, directory: str) -> tuple[str, str]:
+    """Write NAME.key (public) and NAME.key_secret (secret, 0600) in a directory; return paths."""
+    if not name or "/" in name or name.startswith("."):
+        raise CurveKeyError(f"key name {name!r}: use a plain name like the satellite's")
+    os.makedirs(directory, exist_ok=True)
+    public, secret = zmq.curve_keypair()
+    public_path = os.path.join(directory, f"{name}.key")
+    secret_path = os.path.join(directory, f"{name}.key_secret")
+    for path in (public_path, secret_path):
+        if os.path.exists(path):
+            raise CurveKeyError(f"{path} exists: remove it first to make a new pair")
+    fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as file:
+        file.write(secret + b"\n")
+    with open(public_path, "wb") as file:
+        file.write(public + b"\n")
+    return public_path, secret_path
+
+
+def read_key(text_or_path: str, base: str = "") -> bytes:
+    """A z85 key, given as its 40 characters or as the path of a file holding them."""
+    candidate = text_or_path.strip()
+    if len(candidate) == 40 and not os.path.exists(os.path.join(base, candidate)):
+        key = candidate.encode("ascii", errors="replace")
+    else:
+        path = os.path.join(base, candidate)
+        try:
+            with open(path, "rb") as file:
+                key = file.read().strip()
+        except OSError as exc:
+            raise CurveKeyError(f"cannot read key {path}: {exc.strerror or exc}") from exc
+    try:
+        if len(zmq.utils.z85.decode(key)) != 32:
+            raise ValueError("not 32 bytes")
+    except (ValueError, KeyError) as exc:
+        raise CurveKeyError(f"{text_or_path!r} is not a z85 CURVE key ({exc})") from exc
+    return key
+
+
+def public_of(secret: bytes) -> bytes:
+    """The public key that goes with a secret key."""
+    return zmq.curve_public(secret)
+
+
+class Guard:
+    """CURVE for one process: server and client settings, the allow-list, refusals counted."""
+
+    def __init__(self, context: Context, keys: KeyPair, allowed: set[bytes]) -> None:
+        self.keys = keys
+        self.allowed = set(allowed)
+        self.refused: Counter[str] = Counter()
+        self._last_log = 0.0
+        self._monitors: dict[Any, str] = {}
+        self.authenticator = zmq.auth.thread.ThreadAuthenticator(context, log=log)
+        self.authenticator.start()
+        self.authenticator.configure_curve_callback(domain="*", credentials_provider=self)
+
+    def callback(self, domain: str, key: bytes | str) -> bool:
+        """The ZAP decision: is this client's public key on the allow-list?"""
+        raw = key.encode() if isinstance(key, str) else key
+        return raw in self.allowed
+
+    def serve(self, socket: zmq.Socket[bytes], purpose: str) -> zmq.Socket[bytes]:
+        """Make a socket a CURVE server (before it binds); return the monitor to poll."""
+        socket.curve_secretkey = self.keys.secret
+        socket.curve_publickey = self.keys.public
+        socket.curve_server = True
+        socket.zap_domain = b"dsat"
+        monitor = socket.get_monitor_socket(FAILED)
+        self._monitors[monitor] = purpose
+        return monitor
+
+    def connect_to(self, socket: zmq.Socket[bytes], server_public: bytes) -> None:
+        """Make a socket a CURVE client of a server with this public key (before connect)."""
+        socket.curve_secretkey = self.keys.secret
+        socket.curve_publickey = self.keys.public
+        socket.curve_serverkey = server_public
+
+    @property
+    def monitors(self) -> list[Any]:
+        return list(self._monitors)
+
+    def read(self, monitor: Any) -> None:
+        """Count the handshakes a socket refused (wrong key, no CURVE); log a bounded few."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        purpose = self._monitors[monitor]
+        while True:
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.refused[purpose] += 1
+            now = time.monotonic()
+            if now - self._last_log > 1.0:
+                self._last_log = now
+                log.warning(
+                    "refused a peer on %s at %s (%d refused so far): %s",
+                    purpose,
+                    event.get("endpoint", b"?").decode(errors="replace"),
+                    sum(self.refused.values()),
+                    _reason(event["event"]),
+                )
+
+    def close(self) -> None:
+        for monitor in self._monitors:
+            monitor.close(linger=0)
+        self.authenticator.stop()
+
+
+def _reason(event: int) -> str:
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "its key is not on the allow-list"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return "it does not speak CURVE (or speaks it wrong)"
+    return "the handshake failed"
