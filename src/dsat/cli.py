@@ -77,7 +77,12 @@ def _run(args: argparse.Namespace) -> int:
 def _client(args: argparse.Namespace) -> Any:
     from dsat.client import connect
 
-    return connect(args.topology, satellite=args.satellite or "", timeout=args.timeout)
+    return connect(
+        args.topology,
+        satellite=args.satellite or "",
+        timeout=args.timeout,
+        key=getattr(args, "key", None),
+    )
 
 
 def _submit(args: argparse.Namespace) -> int:
@@ -255,6 +260,23 @@ def _state_json(state: Any) -> dict[str, Any]:
     return data
 
 
+def _keys(args: argparse.Namespace) -> int:
+    from dsat.curve import generate
+
+    public_path, secret_path = generate(args.name, args.dir)
+    with open(public_path) as file:
+        public = file.read().strip()
+    print(f"wrote {public_path} (public: share it) and {secret_path} (secret, mode 0600)")
+    print("in the topology, for a satellite:")
+    print(f"  [satellite.{args.name}]")
+    print(f'  public_key = "{public}"')
+    print(f'  secret_key_file = "{secret_path}"')
+    print("or, for a client that connects over tcp:")
+    print(f"  [client.{args.name}]")
+    print(f'  public_key = "{public}"')
+    return 0
+
+
 def _version(args: argparse.Namespace) -> int:
     print(f"dsat {__version__}")
     print(f"protocol {PROTOCOL}")
@@ -323,6 +345,11 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=10.0,
             help="seconds to wait for the satellite (default 10)",
+        )
+        command.add_argument(
+            "--key",
+            help="this client's secret key file, for a satellite reached over tcp "
+            "(default: $DSAT_KEY)",
         )
         return command
 
@@ -412,6 +439,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     retry.add_argument("task", help="the task id")
     retry.set_defaults(handler=_retry)
+
+    keys = commands.add_parser(
+        "keys",
+        help="CURVE key pairs for secure links between satellites",
+        description="Manage CURVE key pairs. Links between satellites are encrypted, and only "
+        "the public keys the topology names are let in.",
+    )
+    key_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    generate = key_commands.add_parser(
+        "generate",
+        help="write NAME.key (public) and NAME.key_secret (secret, mode 0600)",
+        description="Make a new CURVE key pair for a satellite or a client, and print the "
+        "topology lines that use it.",
+    )
+    generate.add_argument("name", help="the satellite's (or client's) name")
+    generate.add_argument("--dir", default="keys", help="where to write them (default: keys/)")
+    generate.set_defaults(handler=_keys)
 
     version = commands.add_parser(
         "version",

@@ -24,6 +24,7 @@ from typing import Any, Final
 import msgpack
 import zmq
 
+from dsat import curve
 from dsat.errors import DsatError, MessageError
 from dsat.fsm import RANK, Event
 from dsat.message import (
@@ -209,8 +210,11 @@ class Client:
         topology: Topology | None = None,
         satellite: str = "",
         timeout: float = 10.0,
+        curve_keys: tuple[bytes, bytes, bytes] | None = None,
     ) -> None:
+        """Usually made by :func:`connect`. ``curve_keys``: (public, secret, server's public)."""
         self.topology = topology
+        self._curve = curve_keys
         self.satellite = satellite
         self.timeout = timeout
         self.allow_pickle = bool(topology and topology.defaults.allow_pickle)
@@ -221,9 +225,15 @@ class Client:
         self._query = self._dealer(tracker_query)
         self._sub: zmq.Socket[bytes] | None = None
 
-    def _dealer(self, address: str) -> zmq.Socket[bytes]:
-        socket = self._context.socket(zmq.DEALER)
-        configure(socket, hwm=10_000, max_size=DEFAULT_MAX_SIZE)
+    def _dealer(self, address: str, kind: int = zmq.DEALER) -> zmq.Socket[bytes]:
+        socket = self._context.socket(kind)
+        hwm = 10_000 if kind == zmq.DEALER else 100_000
+        configure(socket, hwm=hwm, max_size=DEFAULT_MAX_SIZE)
+        if address.startswith("tcp://") and self._curve is not None:
+            public, secret, server = self._curve
+            socket.curve_publickey = public
+            socket.curve_secretkey = secret
+            socket.curve_serverkey = server
         socket.connect(address)
         return socket
 
@@ -468,9 +478,7 @@ class Client:
 
     def _subscriber(self) -> zmq.Socket[bytes]:
         if self._sub is None:
-            self._sub = self._context.socket(zmq.SUB)
-            configure(self._sub, hwm=100_000)
-            self._sub.connect(self._addresses[2])
+            self._sub = self._dealer(self._addresses[2], zmq.SUB)
         return self._sub
 
     def status_for(self, task_id: str, *, timeout: float | None = None) -> Iterator[EventInfo]:
@@ -578,17 +586,27 @@ class Client:
 
 
 def connect(
-    target: str | os.PathLike[str] | Topology, *, satellite: str = "", timeout: float = 10.0
+    target: str | os.PathLike[str] | Topology,
+    *,
+    satellite: str = "",
+    timeout: float = 10.0,
+    key: str | None = None,
 ) -> Client:
     """A Client for a satellite, from its topology file (or a loaded Topology).
 
     The satellite defaults to the topology's first one. Its sockets are reached
-    over ipc when its runtime directory is on this machine, else over tcp.
+    over ipc when its runtime directory is on this machine, else over tcp; then,
+    unless the satellite runs insecure, ``key`` (or $DSAT_KEY) names this
+    client's secret key file, whose public key the topology lists under
+    ``[client.NAME]``.
     """
     topology = (
         target if isinstance(target, Topology) else load_topology(target, check_imports=False)
     )
     satellite = satellite or next(iter(topology.satellites))
+    if satellite not in topology.satellites:
+        known = ", ".join(topology.satellites)
+        raise DsatError(f"{topology.path}: no satellite {satellite!r} (defined: {known})")
     orchester = get_connection(topology, ORCHESTER, satellite=satellite)
     tracker = get_connection(topology, TRACKER, satellite=satellite)
     local = os.path.exists(os.path.join(topology.runtime_dir(satellite), ORCHESTER))
@@ -597,11 +615,25 @@ def connect(
         wanted = "ipc://" if local else "tcp://"
         return next((a for a in addresses if a.startswith(wanted)), addresses[0])
 
+    submit = pick(orchester.socket("submit").addresses)
+    keys = None
+    server = curve.server_key(topology, satellite)
+    if submit.startswith("tcp://") and server is not None:
+        key = key or os.environ.get("DSAT_KEY")
+        if not key:
+            raise DsatError(
+                f"satellite {satellite} is reached over tcp with CURVE: give this client a "
+                "key (key=... or $DSAT_KEY: a secret key file from `dsat keys generate NAME`, "
+                "its public key listed under [client.NAME] in the topology)"
+            )
+        secret = curve.read_key(key)
+        keys = (curve.public_of(secret), secret, server)
     return Client(
-        orchester=pick(orchester.socket("submit").addresses),
+        orchester=submit,
         tracker_query=pick(tracker.socket("query").addresses),
         tracker_pub=pick(tracker.socket("pub").addresses),
         topology=topology,
         satellite=satellite,
         timeout=timeout,
+        curve_keys=keys,
     )

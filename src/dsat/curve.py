@@ -21,6 +21,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -28,6 +29,7 @@ import zmq
 import zmq.auth.thread
 
 from dsat.errors import DsatError
+from dsat.topology import Topology
 
 log = logging.getLogger("dsat.curve")
 
@@ -107,7 +109,7 @@ class Guard:
         self._monitors: dict[Any, str] = {}
         self.authenticator = zmq.auth.thread.ThreadAuthenticator(context, log=log)
         self.authenticator.start()
-        self.authenticator.configure_curve_callback(domain="*", credentials_provider=self)
+        self.authenticator.configure_curve_callback(domain="dsat", credentials_provider=self)
 
     def callback(self, domain: str, key: bytes | str) -> bool:
         """The ZAP decision: is this client's public key on the allow-list?"""
@@ -168,3 +170,87 @@ def _reason(event: int) -> str:
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
         return "it does not speak CURVE (or speaks it wrong)"
     return "the handshake failed"
+
+
+# ---------------------------------------------------------------------------
+# a satellite's sockets
+
+
+def guard_for(topology: Topology, satellite: str, context: Context) -> Guard | None:
+    """The CURVE guard of a process of this satellite; None when its links need none.
+
+    Raises:
+        CurveKeyError: keys are named but cannot be read, or do not match.
+    """
+    if not topology.networked:
+        return None
+    own = topology.satellites[satellite]
+    if own.insecure:
+        return None
+    secret = read_key(own.secret_key_file, topology.directory)
+    public = public_of(secret)
+    if own.public_key and read_key(own.public_key, topology.directory) != public:
+        raise CurveKeyError(
+            f"satellite {satellite}: public_key does not go with {own.secret_key_file}"
+        )
+    return Guard(context, KeyPair(public, secret), allowed_keys(topology))
+
+
+def allowed_keys(topology: Topology) -> set[bytes]:
+    """Who may connect over tcp: the topology's satellites and its declared clients."""
+    keys = {
+        read_key(s.public_key, topology.directory)
+        for s in topology.satellites.values()
+        if s.public_key
+    }
+    keys |= {read_key(key, topology.directory) for key in topology.clients.values()}
+    return keys
+
+
+def server_key(topology: Topology, satellite: str) -> bytes | None:
+    """The public key to expect from a satellite's tcp sockets (None: it runs insecure)."""
+    target = topology.satellites[satellite]
+    if target.insecure or not target.public_key:
+        return None
+    return read_key(target.public_key, topology.directory)
+
+
+def bind(
+    context: Context,
+    kind: int,
+    addresses: tuple[str, ...],
+    *,
+    guard: Guard | None,
+    purpose: str,
+    setup: Callable[[zmq.Socket[bytes]], None],
+) -> list[zmq.Socket[bytes]]:
+    """One socket per address: plain on ipc (a private directory), CURVE on tcp."""
+    sockets = []
+    for address in addresses:
+        socket = context.socket(kind)
+        setup(socket)
+        if address.startswith("tcp://") and guard is not None:
+            guard.serve(socket, purpose)
+        socket.bind(address)
+        sockets.append(socket)
+    return sockets
+
+
+def connect(
+    context: Context,
+    kind: int,
+    address: str,
+    *,
+    guard: Guard | None,
+    server: bytes | None,
+    setup: Callable[[zmq.Socket[bytes]], None],
+) -> zmq.Socket[bytes]:
+    """A socket connected to one address: a CURVE client when it is tcp to a keyed peer."""
+    socket = context.socket(kind)
+    setup(socket)
+    if address.startswith("tcp://") and server is not None:
+        if guard is None:
+            raise CurveKeyError(f"{address} needs CURVE keys, and this process has none")
+        guard.connect_to(socket, server)
+    socket.connect(address)
+    return socket

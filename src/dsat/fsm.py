@@ -157,6 +157,7 @@ class TaskMachine:
         "task_id",
         "tseq",
         "updated",
+        "where",
     )
 
     def __init__(self, task_id: str, job_id: str = "", origin: str = "") -> None:
@@ -166,6 +167,7 @@ class TaskMachine:
         self.tseq = 0
         self.state: Event | None = None
         self.step = ""
+        self.where = ""  # the satellite of the latest event
         self.attempt = 0
         self.error = ""
         self.created = 0.0
@@ -222,6 +224,7 @@ class TaskMachine:
         parent: int = 0,
         error: str = "",
         deadline: float = 0.0,
+        where: str = "",
     ) -> Outcome:
         """Apply one event; every event gets a ``tseq``, duplicates included."""
         self.tseq += 1
@@ -236,8 +239,8 @@ class TaskMachine:
             flag = "duplicate" if before is event else f"conflict: {event} where {before} was"
             return Outcome(self.tseq, flag, False)
         self._seen[key] = event
-        where = (seq, attempt, rank)
-        self.history.append((where, branch, event, self.tseq))
+        place = (seq, attempt, rank)
+        self.history.append((place, branch, event, self.tseq))
 
         if event is Event.INIT:
             self.rooted = True
@@ -265,11 +268,12 @@ class TaskMachine:
             # retry may arrive before its RETRY) reopens the task until it is whole again
             self.ended = False
         head = self.heads.get(branch)
-        if head is None or where > head.position:
-            self.heads[branch] = Head(where, event, step, attempt)
+        if head is None or place > head.position:
+            self.heads[branch] = Head(place, event, step, attempt)
             if self.state is None or not self.ended:
                 self.state, self.step, self.attempt = event, step or self.step, attempt
                 self.deadline = deadline
+                self.where = where or self.where
         if self.ended:
             self._settle()
         return Outcome(self.tseq, "", self.ended)

@@ -164,6 +164,10 @@ class Journal:
     def finished(self, key: Key, attempt: int) -> None:
         self._append(["finished", list(key), attempt])
 
+    def requeued(self, key: Key) -> None:
+        """What was being handed on came back (a peer had no room): it waits here again."""
+        self._append(["requeued", list(key)])
+
     def forward(self, key: Key, forwards: Sequence[Forward]) -> None:
         self._append(["forward", list(key), [[t, [bytes(f) for f in fr]] for t, fr in forwards]])
 
@@ -211,6 +215,7 @@ _SHAPES: Final[dict[str, tuple[int, type[Any]]]] = {  # kind -> (length, type of
     "finished": (3, list),
     "forward": (3, list),
     "done": (2, list),
+    "requeued": (2, list),
     "events": (2, list),
     "confirmed": (2, int),
 }
@@ -239,6 +244,10 @@ def _apply(found: Replay, item: Any) -> None:
             entry.forwards = [(str(t), [bytes(f) for f in fr]) for t, fr in item[2]]
     elif kind == "done":
         found.tasks.pop(_key(item[1]), None)
+    elif kind == "requeued":
+        entry = found.tasks.get(_key(item[1]))
+        if entry is not None:
+            entry.forwards = None
     elif kind == "events":
         for row in item[1]:
             eseq = int(row[0])

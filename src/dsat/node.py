@@ -53,16 +53,24 @@ def build(args: argparse.Namespace, context: zmq.Context[zmq.Socket[bytes]]) -> 
     satellite = args.satellite
     journal_dir = os.path.join(topology.state_dir(satellite), "journal")
     node = args.node
+
+    def guard() -> Any:
+        from dsat.curve import guard_for
+
+        return guard_for(topology, satellite, context)
+
     if node == ORCHESTER:
         from dsat.orchester import Orchester
 
-        return Orchester(topology, satellite=satellite, context=context, journal_dir=journal_dir)
+        return Orchester(
+            topology, satellite=satellite, context=context, journal_dir=journal_dir, guard=guard()
+        )
     if node == TRACKER:
         from dsat.store import open_store
         from dsat.tracker import Tracker
 
         store = open_store(topology.store_url(satellite))
-        return Tracker(topology, satellite=satellite, context=context, store=store)
+        return Tracker(topology, satellite=satellite, context=context, store=store, guard=guard())
     step = topology.steps[node.removesuffix(QUEUE_SUFFIX)]
     if step.kind is Kind.SOURCE:
         from dsat.orchester import Source
@@ -77,7 +85,12 @@ def build(args: argparse.Namespace, context: zmq.Context[zmq.Socket[bytes]]) -> 
     from dsat.router import make_router
 
     return make_router(
-        topology, node, satellite=satellite, context=context, journal_dir=journal_dir
+        topology,
+        node,
+        satellite=satellite,
+        context=context,
+        journal_dir=journal_dir,
+        guard=guard(),
     )
 
 

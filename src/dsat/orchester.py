@@ -25,6 +25,8 @@ from typing import Any, Final
 
 import zmq
 
+from dsat import curve
+from dsat.curve import Guard
 from dsat.errors import MessageError
 from dsat.fsm import ROOT, Event
 from dsat.journal import Entry, Key
@@ -67,18 +69,38 @@ class Orchester(FixedPoint):
     role = "orchester"
 
     def __init__(
-        self, topology: Topology, *, satellite: str, context: Context, journal_dir: str
+        self,
+        topology: Topology,
+        *,
+        satellite: str,
+        context: Context,
+        journal_dir: str,
+        guard: Guard | None = None,
     ) -> None:
         super().__init__(
-            topology, ORCHESTER, satellite=satellite, context=context, journal_dir=journal_dir
+            topology,
+            ORCHESTER,
+            satellite=satellite,
+            context=context,
+            journal_dir=journal_dir,
+            guard=guard,
         )
-        self.submit = context.socket(zmq.ROUTER)
-        configure(
-            self.submit, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size
+
+        def setup(socket: zmq.Socket[bytes]) -> None:
+            configure(
+                socket, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size
+            )
+
+        self.submits = curve.bind(
+            context,
+            zmq.ROUTER,
+            self.plan.socket("submit").addresses,
+            guard=self.guard,
+            purpose="submit",
+            setup=setup,
         )
-        for address in self.plan.socket("submit").addresses:
-            self.submit.bind(address)
-        self.poller.register(self.submit, zmq.POLLIN)
+        for socket in self.submits:
+            self.poller.register(socket, zmq.POLLIN)
         self.new_id = TaskIds()
         self.capacity = topology.defaults.max_queue
         self.forwarding: dict[Key, list[bytes]] = {}  # task key -> its INIT frames
@@ -119,10 +141,10 @@ class Orchester(FixedPoint):
 
     # -- requests
 
-    def read_submit(self) -> None:
+    def read_submit(self, submit: zmq.Socket[bytes]) -> None:
         for _ in range(1000):
             try:
-                frames = self.submit.recv_multipart(zmq.NOBLOCK)
+                frames = submit.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             peer, frames = frames[0], frames[1:]
@@ -146,7 +168,7 @@ class Orchester(FixedPoint):
                 reply = ("refused", {"reason": str(exc), "busy": False})
             kind, body = reply
             body["ref"] = ref if type(ref) in (int, str) else None
-            self.send(self.submit, [peer, *control(kind, body)])
+            self.send(submit, [peer, *control(kind, body)])
 
     def on_submit(self, body: Any, payloads: tuple[bytes, ...]) -> tuple[str, dict[str, Any]]:
         targets = field_of(body, "targets", list, "submit")
@@ -162,8 +184,8 @@ class Orchester(FixedPoint):
         if not targets or not all(type(t) is str for t in targets):
             raise MessageError("submit: need the name of at least one step")
         for target in targets:
-            if target not in self.outbox.sockets:
-                known = ", ".join(sorted(self.outbox.sockets))
+            if target not in self.outbox.targets:
+                known = ", ".join(sorted(self.outbox.targets))
                 raise MessageError(f"submit: no step {target!r:.40} to submit to (steps: {known})")
         if source:
             linked = {link.target for link in self.topology.links_from(source)}
@@ -260,7 +282,7 @@ class Orchester(FixedPoint):
         """Send a dead letter again: RETRY, then SEND to the step where it failed."""
         task_id = field_of(body, "task_id", str, "resend")
         step = field_of(body, "step", str, "resend")
-        if step not in self.outbox.sockets or len(extra) != 1:
+        if step not in self.outbox.targets or len(extra) != 1:
             raise MessageError(f"resend: no step {step!r:.40}, or not exactly one payload")
         envelope = Envelope(
             task_id=task_id,
@@ -300,13 +322,10 @@ class Orchester(FixedPoint):
             while not (self.stopping and self.drained()):
                 now = time.monotonic()
                 ready = dict(self.poller.poll(int(self.next_timeout(now) * 1000)))
-                if self.events_socket in ready:
-                    self.read_events_socket()
-                for socket in self.outbox.sockets.values():
+                self.read_common(ready)
+                for socket in self.submits:
                     if socket in ready:
-                        self.read_outbox(socket)
-                if self.submit in ready:
-                    self.read_submit()
+                        self.read_submit(socket)
                 self.report_load(time.monotonic())
                 self.commit()
         finally:
@@ -325,7 +344,8 @@ class Orchester(FixedPoint):
 
     def close(self) -> None:
         super().close()
-        self.submit.close(linger=0)
+        for socket in self.submits:
+            socket.close(linger=0)
 
 
 # ---------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from typing import Any, Final
 
 import zmq
 
+from dsat import curve
+from dsat.curve import Guard
 from dsat.errors import MessageError
 from dsat.fsm import Event
 from dsat.journal import Entry, Forward, Journal, Key
@@ -55,7 +57,7 @@ from dsat.message import (
     loads,
     pack_records,
 )
-from dsat.topology import Kind, Pattern, Plan, Step, Topology, get_connection
+from dsat.topology import Kind, Step, Topology, get_connection, inbox_address
 from dsat.worker import Attempt, Task, conditions_of, function_of, run_attempt
 
 log = logging.getLogger("dsat.router")
@@ -63,12 +65,15 @@ log = logging.getLogger("dsat.router")
 Context = zmq.Context[zmq.Socket[bytes]]
 
 ACK_TIMEOUT: Final = 5.0  # a forward not acknowledged by then is sent again
+CUSTODY_CHECK: Final = 10.0  # ask a satellite holding our task this often if it still does
+DOWN_FOR: Final = 10.0  # an instance that did not answer is passed over this long
 CONFIRM_TIMEOUT: Final = 2.0  # events not confirmed by then are sent again
 KILL_GRACE: Final = 1.0  # a worker past its task's timeout by this much is killed
 LOAD_EVERY: Final = 1.0  # seconds between load reports
 MAX_BATCH: Final = 2000  # events per batch, messages read per socket per cycle
 RECENT: Final = 100_000  # keys of finished tasks remembered, to refuse duplicates
 MAX_BACKOFF: Final = 60.0
+PROPAGATE_WINDOW: Final = 8  # tasks offered to peer satellites at a time
 
 
 def child_branch(task_id: str, parent: int, seq: int, target: str, index: int) -> int:
@@ -160,59 +165,153 @@ class Reporter:
 
 
 @dataclass(slots=True)
+class Instance:
+    """One satellite's copy of a next step, and the socket that reaches its inbox."""
+
+    target: str
+    satellite: str
+    socket: zmq.Socket[bytes]
+    remote: bool  # on another satellite: custody until it releases what it took
+    down_until: float = 0.0  # it did not answer: try the others until then
+
+
+@dataclass(slots=True)
 class Pending:
-    """A task message sent to a next step, not yet acknowledged."""
+    """A task message sent to a next step and not yet off our hands."""
 
     key: Key  # the child's key (task_id, branch, seq)
     parent: Key  # the task of this router it came from
-    target: str
+    target: str  # "step", or "step@satellite" for a copy meant for one instance (pub)
     frames: list[bytes]
-    due: float = 0.0  # when to (re)send
+    due: float = 0.0  # when to (re)send, or (in custody) to ask again
     tries: int = 0
+    instance: Instance | None = None  # where it was last sent
+    custody: bool = False  # another satellite acknowledged it; we wait for its release
 
 
 class Outbox:
-    """One DEALER per next step; sends until the receiver acknowledges, backs off when busy."""
+    """Sends tasks to the next steps' inboxes until they are safely taken.
 
-    def __init__(self, context: Context, plan: Plan, topology: Topology) -> None:
-        self.sockets: dict[str, zmq.Socket[bytes]] = {}
-        self.patterns: dict[str, Pattern] = {}
+    Each next step may run on several satellites: one DEALER per instance,
+    round robin over the instances that answer (one that says busy, or does not
+    answer in ACK_TIMEOUT, is passed over: work goes where there is room).
+    A copy for one instance (a ``pub`` link) goes to that instance only.
+
+    An instance on this satellite has the task once it acknowledges it (it is
+    journaled there). An instance on another satellite keeps it *in custody*
+    until it releases it (it handed it on, or ended it): if it goes silent, the
+    task goes to another instance, so a satellite cut off loses nothing.
+    """
+
+    def __init__(
+        self,
+        context: Context,
+        topology: Topology,
+        satellite: str,
+        targets: dict[str, tuple[str, ...]],
+        *,
+        identity: bytes,
+        guard: Guard | None,
+    ) -> None:
+        self.instances: dict[str, list[Instance]] = {}
+        self.by_socket: dict[zmq.Socket[bytes], Instance] = {}
         self.pending: dict[Key, Pending] = {}
         self.by_parent: dict[Key, set[Key]] = {}
-        for out in plan.outputs():
-            target = out.purpose.removeprefix("out:")
-            socket = context.socket(zmq.DEALER)
+        self._turn: dict[str, int] = {}
+
+        def setup(socket: zmq.Socket[bytes]) -> None:
             configure(
                 socket, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size
             )
-            socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to peers that are connected
-            for address in out.addresses:
-                socket.connect(address)
-            self.sockets[target] = socket
-            self.patterns[target] = out.pattern
+            socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only to a peer that is connected
+            socket.setsockopt(zmq.ROUTING_ID, identity)  # the same after a restart
+
+        for target, satellites in targets.items():
+            found = []
+            for there in satellites:
+                address = inbox_address(topology, satellite, there, target)
+                socket = curve.connect(
+                    context,
+                    zmq.DEALER,
+                    address,
+                    guard=guard,
+                    server=None if there == satellite else curve.server_key(topology, there),
+                    setup=setup,
+                )
+                instance = Instance(target, there, socket, remote=there != satellite)
+                found.append(instance)
+                self.by_socket[socket] = instance
+            self.instances[target] = found
+
+    @property
+    def sockets(self) -> list[zmq.Socket[bytes]]:
+        return list(self.by_socket)
+
+    @property
+    def targets(self) -> set[str]:
+        return set(self.instances)
 
     def add(self, pending: Pending) -> None:
         self.pending[pending.key] = pending
         self.by_parent.setdefault(pending.parent, set()).add(pending.key)
 
+    def _choose(self, pending: Pending, now: float) -> Instance | None:
+        step, _, pinned = pending.target.partition("@")
+        instances = self.instances.get(step, [])
+        if pinned:
+            return next((i for i in instances if i.satellite == pinned), None)
+        up = [i for i in instances if i.down_until <= now] or instances
+        if not up:
+            return None
+        turn = self._turn.get(step, 0)
+        self._turn[step] = turn + 1
+        return up[turn % len(up)]
+
     def flush(self, now: float) -> None:
-        """Send every pending message that is due."""
+        """Send what is due: new messages, resends, and custody checks."""
         for item in self.pending.values():
             if item.due > now:
                 continue
-            try:
-                self.sockets[item.target].send_multipart(item.frames, zmq.NOBLOCK)
-            except zmq.Again:
-                item.due = now + 0.05  # no connected peer or a full pipe: try a bit later
+            if item.tries and item.instance is not None:
+                # no answer in time (to a send, or to a custody check): pass it over
+                item.instance.down_until = now + DOWN_FOR
+                if not item.target.count("@"):
+                    item.instance = None
+                item.custody = False
+            instance = item.instance or self._choose(item, now)
+            if instance is None:
+                item.due = now + 1.0
                 continue
+            try:
+                instance.socket.send_multipart(item.frames, zmq.NOBLOCK)
+            except zmq.Again:
+                item.instance = None  # not connected, or its pipe is full: another one
+                item.due = now + 0.05
+                continue
+            item.instance = instance
             item.tries += 1
             item.due = now + ACK_TIMEOUT
 
-    def acked(self, key: Key) -> Key | None:
-        """Forget an acknowledged message; return its parent when that was its last child."""
-        item = self.pending.pop(key, None)
-        if item is None:
+    def acked(self, key: Key, socket: zmq.Socket[bytes], now: float) -> Key | None:
+        """An instance has the message; return its parent when that was its last child."""
+        item = self.pending.get(key)
+        instance = self.by_socket.get(socket)
+        if item is None or instance is None:
             return None
+        instance.down_until = 0.0
+        if instance.remote:
+            item.instance, item.custody = instance, True
+            item.tries = 0
+            item.due = now + CUSTODY_CHECK
+            return None
+        return self._done(key)
+
+    def released(self, key: Key) -> Key | None:
+        """Another satellite is done with a message it had in custody."""
+        return self._done(key) if key in self.pending else None
+
+    def _done(self, key: Key) -> Key | None:
+        item = self.pending.pop(key)
         children = self.by_parent.get(item.parent)
         if children is not None:
             children.discard(key)
@@ -223,14 +322,21 @@ class Outbox:
 
     def busy(self, key: Key, now: float) -> None:
         item = self.pending.get(key)
-        if item is not None:
+        if item is not None and not item.custody:
             item.due = now + min(1.0, 0.01 * 2 ** min(item.tries, 7))
+            item.tries = 0
+            if "@" not in item.target:
+                item.instance = None  # a peer with room may take it
 
     def next_due(self) -> float:
         return min((p.due for p in self.pending.values()), default=float("inf"))
 
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for p in self.pending.values() if not p.custody)
+
     def close(self) -> None:
-        for socket in self.sockets.values():
+        for socket in self.by_socket:
             socket.close(linger=0)
 
 
@@ -251,6 +357,7 @@ class Item:
     worker: bytes = b""
     since: float = 0.0  # monotonic time it was handed to a worker
     killed: bool = False
+    sender: tuple[zmq.Socket[bytes], bytes] | None = None  # another satellite's router
 
 
 @dataclass
@@ -282,8 +389,10 @@ class FixedPoint:
         satellite: str,
         context: Context,
         journal_dir: str,
+        guard: Guard | None = None,
     ) -> None:
         self.topology = topology
+        self.guard = guard
         self.node = node
         self.satellite = satellite
         self.context = context
@@ -316,9 +425,25 @@ class FixedPoint:
             events, self.journal, f"{satellite}/{node}", epoch, replay.next_eseq, replay.events
         )
         self.poller.register(events, zmq.POLLIN)
-        self.outbox = Outbox(context, self.plan, topology)
-        for socket in self.outbox.sockets.values():
+        targets = {
+            out.purpose.removeprefix("out:"): topology.steps[
+                out.purpose.removeprefix("out:")
+            ].satellites
+            for out in self.plan.outputs()
+        }
+        self.peers: Outbox | None = None  # queues: the same step on other satellites
+        self.outbox = Outbox(
+            context,
+            topology,
+            satellite,
+            targets,
+            identity=f"{satellite}/{node}".encode(),
+            guard=guard,
+        )
+        for socket in self.outbox.sockets:
             self.poller.register(socket, zmq.POLLIN)
+        for monitor in guard.monitors if guard else ():
+            self.poller.register(monitor, zmq.POLLIN)
 
     # -- events
 
@@ -391,6 +516,8 @@ class FixedPoint:
                     raise
         self.outgoing.clear()
         self.outbox.flush(now)
+        if self.peers is not None:
+            self.peers.flush(now)
         self.reporter.send(now)
         if self.journal.size > 64 * 1024 * 1024:
             self.compact()
@@ -440,18 +567,33 @@ class FixedPoint:
             except zmq.Again:
                 return
             try:
-                message = decode_control(frames, frozenset({"ack", "busy"}))
+                message = decode_control(frames, frozenset({"ack", "busy", "release"}))
                 keys = _keys(message.body)
             except MessageError as exc:
                 self.malformed("out", exc)
                 continue
             for key in keys:
-                if message.kind == "ack":
-                    parent = self.outbox.acked(key)
-                    if parent is not None:
-                        self.forwarded(parent)
-                else:
+                if message.kind == "busy":
                     self.outbox.busy(key, now)
+                    continue
+                if message.kind == "ack":
+                    parent = self.outbox.acked(key, socket, now)
+                else:
+                    parent = self.outbox.released(key)
+                if parent is not None:
+                    self.forwarded(parent)
+
+    def read_common(self, ready: dict[Any, int]) -> None:
+        """The sockets every router has: events, the outbox, CURVE monitors."""
+        if self.events_socket in ready:
+            self.read_events_socket()
+        for socket in self.outbox.sockets:
+            if socket in ready:
+                self.read_outbox(socket)
+        if self.guard is not None:
+            for monitor in self.guard.monitors:
+                if monitor in ready:
+                    self.guard.read(monitor)
 
     def forwarded(self, key: Key) -> None:
         """Every next step acknowledged what this task became: it is off our hands."""
@@ -473,6 +615,7 @@ class FixedPoint:
             "refused": c.refused,
             "malformed": dict(c.malformed),  # per socket: in, work, out, events, submit
             "forwarding": len(self.outbox.pending),
+            "refused_peers": dict(self.guard.refused) if self.guard else {},
             "events_backlog": self.reporter.backlog,
             "mean": sum(durations) / len(durations) if durations else 0.0,
             "p95": durations[int(len(durations) * 0.95)] if durations else 0.0,
@@ -490,6 +633,7 @@ class FixedPoint:
     def next_timeout(self, now: float) -> float:
         due = min(
             self.outbox.next_due(),
+            self.peers.next_due() if self.peers is not None else float("inf"),
             self.timers[0][0] if self.timers else float("inf"),
             self.last_load + LOAD_EVERY,
             self.reporter.sent_at + CONFIRM_TIMEOUT if self.reporter.unconfirmed else float("inf"),
@@ -513,6 +657,8 @@ class FixedPoint:
         self.journal.close()
         self.outbox.close()
         self.events_socket.close(linger=0)
+        if self.guard is not None:
+            self.guard.close()
 
 
 def _keys(body: Any) -> list[Key]:
@@ -544,16 +690,29 @@ class Router(FixedPoint):
         self.step_def = topology.steps[self.step_name]
         self.items: dict[Key, Item] = {}
         self.queue: collections.deque[Key] = collections.deque()
-        self.inbox = self.context.socket(zmq.ROUTER)
-        configure(
-            self.inbox, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size
+
+        def setup(socket: zmq.Socket[bytes]) -> None:
+            configure(
+                socket, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size
+            )
+            socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a sender back after a restart
+
+        addresses = self.plan.socket("in").addresses
+        self.inboxes = curve.bind(
+            self.context, zmq.ROUTER, addresses, guard=self.guard, purpose="in", setup=setup
         )
-        for address in self.plan.socket("in").addresses:
-            self.inbox.bind(address)
-        self.poller.register(self.inbox, zmq.POLLIN)
-        self.acks: dict[bytes, list[list[Any]]] = {}
-        self.busies: dict[bytes, list[list[Any]]] = {}
+        # tasks from another satellite: it keeps them in custody until we release them
+        self.remote_inboxes = {
+            s for s, a in zip(self.inboxes, addresses, strict=True) if a.startswith("tcp://")
+        }
+        for socket in self.inboxes:
+            self.poller.register(socket, zmq.POLLIN)
+        self.replies: dict[tuple[zmq.Socket[bytes], bytes, str], list[list[Any]]] = {}
+        self.prepare()
         self._restore()
+
+    def prepare(self) -> None:
+        """What a router kind needs before its journal is replayed."""
 
     # -- start after a crash
 
@@ -593,7 +752,11 @@ class Router(FixedPoint):
         for target, frames in forwards:
             envelope = decode(frames).envelope
             child = (envelope.task_id, envelope.branch, envelope.seq)
-            self.outbox.add(Pending(child, item.key, target, frames))
+            pending = Pending(child, item.key, target, frames)
+            if target == self.step_name and self.peers is not None:
+                self.peers.add(pending)  # it had been propagated to a peer satellite
+            else:
+                self.outbox.add(pending)
 
     def live_entries(self) -> list[tuple[Key, Entry]]:
         entries = []
@@ -602,9 +765,11 @@ class Router(FixedPoint):
             if item.state == "waiting":
                 entry.attempt = entry.finished = item.attempt - 1
             elif item.state == "forwarding":
-                entry.forwards = [
-                    (p.target, p.frames) for p in self.outbox.pending.values() if p.parent == key
+                handed = [
+                    *self.outbox.pending.values(),
+                    *(self.peers.pending.values() if self.peers else ()),
                 ]
+                entry.forwards = [(p.target, p.frames) for p in handed if p.parent == key]
             entries.append((key, entry))
         return entries
 
@@ -614,10 +779,15 @@ class Router(FixedPoint):
     def full(self) -> bool:
         return len(self.items) >= self.step_def.max_queue or self.stopping
 
-    def read_inbox(self) -> None:
+    def reply(self, socket: zmq.Socket[bytes], peer: bytes, kind: str, key: Key) -> None:
+        """Answer a sender (ack, busy, release), batched per sender for this cycle."""
+        self.replies.setdefault((socket, peer, kind), []).append(list(key))
+
+    def read_inbox(self, inbox: zmq.Socket[bytes]) -> None:
+        remote = inbox in self.remote_inboxes
         for _ in range(MAX_BATCH):
             try:
-                frames = self.inbox.recv_multipart(zmq.NOBLOCK)
+                frames = inbox.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             peer, frames = frames[0], frames[1:]
@@ -633,26 +803,35 @@ class Router(FixedPoint):
                 continue
             key = (envelope.task_id, envelope.branch, envelope.seq)
             if key in self.items or key in self.recent:
+                # again (a resend, or a custody check): we have it, or had it and are done
                 self.counters.duplicates += 1
-                self.acks.setdefault(peer, []).append(list(key))
+                self.reply(inbox, peer, "ack", key)
+                if remote and key in self.recent:
+                    self.reply(inbox, peer, "release", key)
                 continue
-            if self.full:
+            if self.full or (envelope.event is Event.PROPAGATE and not self.has_room()):
                 self.counters.refused += 1
-                self.busies.setdefault(peer, []).append(list(key))
+                self.reply(inbox, peer, "busy", key)
                 continue
             self.counters.accepted += 1
-            item = Item(key, envelope, vector.payload, frames, attempt=1)
+            item = Item(key, envelope, vector.payload, frames, attempt=envelope.attempt or 1)
+            if remote:
+                item.sender = (inbox, peer)
             self.items[key] = item
             self.journal.accept(key, frames)
             self.event(envelope, Event.ACK, attempt=1)
-            self.acks.setdefault(peer, []).append(list(key))
+            self.reply(inbox, peer, "ack", key)
             self.accepted(item)
-        for peer, keys in self.acks.items():
-            self.send(self.inbox, [peer, *control("ack", keys)])
-        for peer, keys in self.busies.items():
-            self.send(self.inbox, [peer, *control("busy", keys)])
-        self.acks.clear()
-        self.busies.clear()
+        self.send_replies()
+
+    def send_replies(self) -> None:
+        for (socket, peer, kind), keys in self.replies.items():
+            self.send(socket, [peer, *control(kind, keys)])
+        self.replies.clear()
+
+    def has_room(self) -> bool:
+        """May a peer satellite propagate a task to us now? (It only does when we are idle.)"""
+        return not self.full
 
     def accepted(self, item: Item) -> None:
         """A new task: queue it for a worker (queues, sinks); router steps forward it at once."""
@@ -778,6 +957,9 @@ class Router(FixedPoint):
         self.counters.done += 1
         self.journal.done(key)
         self.remember(key)
+        if item.sender is not None:  # the satellite that sent it may let go of it now
+            socket, peer = item.sender
+            self.reply(socket, peer, "release", key)
 
     def retry_due(self, now: float) -> None:
         for key in self.due_timers(now):
@@ -805,13 +987,10 @@ class Router(FixedPoint):
             self.close()
 
     def read(self, ready: dict[Any, int]) -> None:
-        if self.events_socket in ready:
-            self.read_events_socket()
-        for socket in self.outbox.sockets.values():
+        self.read_common(ready)
+        for socket in self.inboxes:
             if socket in ready:
-                self.read_outbox(socket)
-        if self.inbox in ready:
-            self.read_inbox()
+                self.read_inbox(socket)
 
     def tick(self, now: float) -> None:
         """Time-driven work of a router kind (timeouts of held tasks...)."""
@@ -833,7 +1012,8 @@ class Router(FixedPoint):
 
     def close(self) -> None:
         super().close()
-        self.inbox.close(linger=0)
+        for socket in self.inboxes:
+            socket.close(linger=0)
 
 
 # ---------------------------------------------------------------------------
@@ -870,6 +1050,21 @@ class QueueRouter(Router):
         self.by_pidfd: dict[int, bytes] = {}
         self.ready: collections.deque[bytes] = collections.deque()
 
+    def prepare(self) -> None:
+        others = tuple(s for s in self.step_def.satellites if s != self.satellite)
+        if not others:
+            return
+        self.peers = Outbox(
+            self.context,
+            self.topology,
+            self.satellite,
+            {self.step_name: others},
+            identity=f"{self.satellite}/{self.node}/peers".encode(),
+            guard=self.guard,
+        )
+        for socket in self.peers.sockets:
+            self.poller.register(socket, zmq.POLLIN)
+
     def read(self, ready: dict[Any, int]) -> None:
         super().read(ready)
         if self.work in ready:
@@ -877,6 +1072,91 @@ class QueueRouter(Router):
         for fd, identity in list(self.by_pidfd.items()):
             if fd in ready:
                 self.worker_died(identity)
+        if self.peers is not None:
+            for socket in self.peers.sockets:
+                if socket in ready:
+                    self.read_peers(socket)
+
+    def has_room(self) -> bool:
+        return not self.full and not self.queue and bool(self.ready)
+
+    # -- propagation: a saturated pool hands work to the same step on a peer satellite
+
+    def propagate(self, now: float) -> None:
+        """Hand the newest queued tasks to peer satellites while no worker here is free."""
+        peers = self.peers
+        if peers is None or self.ready or len(self.queue) <= len(self.workers):
+            return
+        in_flight = peers.in_flight
+        while in_flight < PROPAGATE_WINDOW and len(self.queue) > len(self.workers):
+            item = self.items.get(self.queue.pop())
+            if item is None or item.state != "queued":
+                continue
+            envelope = replace(
+                item.envelope,
+                seq=item.envelope.seq + 1,
+                step=self.step_name,
+                next=self.step_name,
+                event=Event.PROPAGATE,
+                where=self.satellite,
+                wid=self.wid,
+                pid=self.pid,
+                attempt=item.attempt,
+                timestamps={**item.envelope.timestamps, "sent": time.time()},
+            )
+            frames = encode(envelope, item.payload)
+            item.state = "forwarding"
+            self.journal.forward(item.key, [(self.step_name, frames)])
+            peers.add(
+                Pending(
+                    (envelope.task_id, envelope.branch, envelope.seq),
+                    item.key,
+                    self.step_name,
+                    frames,
+                )
+            )
+            in_flight += 1
+
+    def read_peers(self, socket: zmq.Socket[bytes]) -> None:
+        assert self.peers is not None
+        now = time.monotonic()
+        for _ in range(MAX_BATCH):
+            try:
+                frames = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode_control(frames, frozenset({"ack", "busy", "release"}))
+                keys = _keys(message.body)
+            except MessageError as exc:
+                self.malformed("peers", exc)
+                continue
+            for key in keys:
+                pending = self.peers.pending.get(key)
+                if pending is None:
+                    continue
+                if message.kind == "busy" and not pending.custody:
+                    self.take_back(pending)  # the peer has no room either: keep it here
+                elif message.kind == "ack":
+                    if not pending.custody:
+                        self.event(
+                            decode(pending.frames).envelope, Event.PROPAGATE, next=[self.step_name]
+                        )
+                    self.peers.acked(key, socket, now)
+                elif message.kind == "release":
+                    parent = self.peers.released(key)
+                    if parent is not None:
+                        self.finish(parent)
+
+    def take_back(self, pending: Pending) -> None:
+        assert self.peers is not None
+        self.peers.pending.pop(pending.key, None)
+        self.peers.by_parent.pop(pending.parent, None)
+        item = self.items.get(pending.parent)
+        if item is not None and item.state == "forwarding":
+            item.state = "queued"
+            self.queue.appendleft(item.key)
+            self.journal.requeued(item.key)
 
     def read_work(self) -> None:
         for _ in range(MAX_BATCH):
@@ -936,7 +1216,7 @@ class QueueRouter(Router):
         targets = tuple(field_of(body, "targets", list, "result"))
         if status not in ("END", "ERROR", "TIMEOUT") or not all(type(t) is str for t in targets):
             raise MessageError(f"result: bad status {status!r:.20} or targets")
-        if set(targets) - set(self.outbox.sockets):
+        if set(targets) - self.outbox.targets:
             raise MessageError(f"result: unknown next step in {targets!r:.80}")
         worker = self.workers.get(identity)
         if worker is None:
@@ -1056,6 +1336,7 @@ class QueueRouter(Router):
                 pid=worker.pid,
                 deadline=time.time() + self.step_def.timeout + KILL_GRACE,
             )
+        self.propagate(time.monotonic())
 
     def tick(self, now: float) -> None:
         limit = self.step_def.timeout + KILL_GRACE

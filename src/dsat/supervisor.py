@@ -226,8 +226,16 @@ class CircusManager:
 def arbiter_main(config_path: str) -> int:
     """The child process: a circus arbiter in its own main thread, no multicast."""
     from circus.arbiter import Arbiter
+    from circus.exc import ConflictError
     from circus.watcher import Watcher
 
+    class BusyLockNoise(logging.Filter):
+        """circus' own watcher check runs into our (long) ordered stop: not an error."""
+
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not (record.exc_info and isinstance(record.exc_info[1], ConflictError))
+
+    logging.getLogger("tornado.application").addFilter(BusyLockNoise())
     with open(config_path) as file:
         config = json.load(file)
     os.environ[SUPERVISOR_ENV] = str(os.getpid())  # workers die with us
@@ -352,6 +360,12 @@ class Satellite:
         return fd
 
     def start(self) -> None:
+        if self.topology.networked and self.topology.satellites[self.name].insecure:
+            log.warning(
+                "satellite %s links to other satellites WITHOUT encryption or keys "
+                "(insecure = true): anyone who reaches its tcp ports can submit and read",
+                self.name,
+            )
         watches = watches_of(self.topology, self.name, self.run_dir)
         self.manager.start(watches)
 

@@ -98,9 +98,9 @@ class Satellite:
     base_port: int = 7400
     runtime_dir: str = ""  # ipc sockets, circus control; created 0700
     state_dir: str = ""  # logs, journals, the default SQLite store
-    public_key: str = ""  # CURVE public key (z85) of this satellite
-    secret_key_file: str = ""
-    insecure: bool = False
+    public_key: str = ""  # CURVE public key of this satellite: z85 text, or a key file
+    secret_key_file: str = ""  # its secret key file (read only where it runs)
+    insecure: bool = False  # tcp links without CURVE: only when said explicitly
 
 
 @dataclass(frozen=True)
@@ -183,6 +183,12 @@ class Topology:
     store: Store = Store()
     defaults: Defaults = Defaults()
     python_path: tuple[str, ...] = ()
+    clients: Mapping[str, str] = field(default_factory=dict)  # name -> public key (or file)
+
+    @property
+    def networked(self) -> bool:
+        """Several satellites: their links go over tcp."""
+        return len(self.satellites) > 1
 
     @property
     def directory(self) -> str:
@@ -306,6 +312,12 @@ def _reach(topology: Topology, here: str, there: str, name: str, ipc_name: str) 
         return ipc_address(topology, there, ipc_name)
     port = tcp_ports(topology, there)[name]
     return f"tcp://{topology.satellites[there].host}:{port}"
+
+
+def inbox_address(topology: Topology, here: str, there: str, step: str) -> str:
+    """How a process on satellite ``here`` reaches the inbox of ``step`` on ``there``."""
+    name = topology.inbox(step)
+    return _reach(topology, here, there, name, name + ".in")
 
 
 def _inbox_addresses(topology: Topology, here: str, step: str) -> tuple[str, ...]:
@@ -498,7 +510,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-_TOP_FIELDS: Final = ("satellite", "step", "link", "store", "defaults", "path")
+_TOP_FIELDS: Final = ("satellite", "step", "link", "store", "defaults", "path", "client")
 _SATELLITE_FIELDS: Final = (
     "host",
     "base_port",
@@ -631,6 +643,7 @@ class _Loader:
         # Whole-graph checks run on what did load, so one bad field hides nothing else.
         self.check_graph(topology)
         self.check_addresses(topology)
+        self.check_keys(topology)
         return topology
 
     def strings(self, table: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
@@ -695,6 +708,39 @@ class _Loader:
                 insecure=self.get(table, "insecure", bool, where, False),
             )
         return found
+
+    def clients(self, value: object) -> dict[str, str]:
+        """Clients allowed to connect over tcp: ``[client.NAME] public_key = ...``."""
+        if not isinstance(value, dict):
+            self.problem("client", f"need a table of clients, got {_type(value)}")
+            return {}
+        found: dict[str, str] = {}
+        for name, raw in value.items():
+            where = f"client.{name}"
+            table = self.table(raw, where, ("public_key",))
+            key = self.get(table, "public_key", str, where, "")
+            if not key:
+                self.problem(where, "public_key: missing (make a pair: dsat keys generate NAME)")
+                continue
+            found[str(name)] = key
+        return found
+
+    def check_keys(self, topology: Topology) -> None:
+        """Satellites linked over tcp need CURVE keys, unless the topology says insecure."""
+        if not topology.networked:
+            return
+        for satellite in topology.satellites.values():
+            where = f"satellite.{satellite.name}"
+            if satellite.insecure:
+                continue
+            missing = [f for f in ("public_key", "secret_key_file") if not getattr(satellite, f)]
+            if missing:
+                self.problem(
+                    where,
+                    f"{' and '.join(missing)}: links between satellites are CURVE-encrypted; "
+                    f"make a pair with `dsat keys generate {satellite.name}`, or set "
+                    "insecure = true to run them in clear",
+                )
 
     def store(self, value: object) -> Store:
         where = "store"

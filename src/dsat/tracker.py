@@ -18,16 +18,21 @@ state, the load of every pool) on its ``query`` socket:
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
+import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any, Final
 
 import msgpack
 import zmq
 
+from dsat import curve
+from dsat.curve import Guard
 from dsat.errors import MessageError
-from dsat.fsm import TERMINAL, Event, TaskMachine
+from dsat.fsm import Event, TaskMachine
 from dsat.message import (
     PROTOCOL,
     PROTOCOL_FRAME,
@@ -52,6 +57,8 @@ END_GRACE: Final = 5.0  # seconds a closed task may wait for missing events befo
 LOAD_TOPIC: Final = b"@load"
 POOLS_TOPIC: Final = b"@pools"  # autoscaling decisions, live
 DECISIONS_KEPT: Final = 200
+PEER_SILENT: Final = 5.0  # a satellite not heard from for this long: its tasks are UNKNOWN
+RELAY_CONFIRM_TIMEOUT: Final = 2.0
 PRUNE_EVERY: Final = 600.0
 LOAD_WINDOW: Final = 10.0  # seconds of load reports kept, for rates
 
@@ -60,26 +67,50 @@ class Tracker:
     """Applies events, stores them in batches, publishes them, answers queries."""
 
     def __init__(
-        self, topology: Topology, *, satellite: str, context: Context, store: Store
+        self,
+        topology: Topology,
+        *,
+        satellite: str,
+        context: Context,
+        store: Store,
+        guard: Guard | None = None,
     ) -> None:
         self.topology = topology
         self.satellite = satellite
         self.store = store
+        self.guard = guard
         self.stopping = False
         plan = get_connection(topology, TRACKER, satellite=satellite)
         max_size = topology.defaults.max_message_size
-        self.events = context.socket(zmq.ROUTER)
-        configure(self.events, hwm=100_000, max_size=max_size)
-        self.query = context.socket(zmq.ROUTER)
-        configure(self.query, hwm=10_000, max_size=max_size)
-        self.pub = context.socket(zmq.PUB)
-        configure(self.pub, hwm=100_000)
-        for socket, purpose in ((self.events, "events"), (self.query, "query"), (self.pub, "pub")):
-            for address in plan.socket(purpose).addresses:
-                socket.bind(address)
+
+        def setup(hwm: int) -> Callable[[zmq.Socket[bytes]], None]:
+            return lambda socket: configure(socket, hwm=hwm, max_size=max_size)
+
+        def bound(kind: int, purpose: str, hwm: int) -> list[zmq.Socket[bytes]]:
+            return curve.bind(
+                context,
+                kind,
+                plan.socket(purpose).addresses,
+                guard=guard,
+                purpose=f"tracker.{purpose}",
+                setup=setup(hwm),
+            )
+
+        self.events = bound(zmq.ROUTER, "events", 100_000)
+        self.query = bound(zmq.ROUTER, "query", 10_000)
+        self.pubs = bound(zmq.PUB, "pub", 100_000)
         self.poller = zmq.Poller()
-        self.poller.register(self.events, zmq.POLLIN)
-        self.poller.register(self.query, zmq.POLLIN)
+        for socket in (*self.events, *self.query):
+            self.poller.register(socket, zmq.POLLIN)
+        for monitor in guard.monitors if guard else ():
+            self.poller.register(monitor, zmq.POLLIN)
+        self.relays = {
+            name: Relay(self, context, name, store)
+            for name in topology.satellites
+            if name != satellite
+        }
+        for relay in self.relays.values():
+            self.poller.register(relay.socket, zmq.POLLIN)
 
         self.live: dict[str, TaskMachine] = {}
         self.ended: collections.OrderedDict[str, TaskMachine] = collections.OrderedDict()
@@ -119,13 +150,15 @@ class Tracker:
 
     # -- events
 
-    def read_events(self, batch: Batch) -> tuple[list[list[bytes]], list[list[bytes]]]:
+    def read_events(
+        self, socket: zmq.Socket[bytes], batch: Batch
+    ) -> tuple[list[list[bytes]], list[list[bytes]]]:
         """Apply what arrived; return confirmations and live messages, sent after the write."""
         confirms: dict[tuple[bytes, str], tuple[int, int, bool]] = {}
         published: list[list[bytes]] = []
         for _ in range(MAX_BATCHES):
             try:
-                frames = self.events.recv_multipart(zmq.NOBLOCK)
+                frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             peer, frames = frames[0], frames[1:]
@@ -170,6 +203,11 @@ class Tracker:
         return replies, published
 
     def _apply(self, record: EventRecord, batch: Batch) -> list[list[bytes]]:
+        relay = self.relays.get(record.origin)
+        if relay is not None:
+            # a task submitted on another satellite: its tracker keeps its history
+            relay.add(record, batch)
+            return []
         machine = self.live.get(record.task_id)
         if machine is None:
             machine = self._machine_for(record)
@@ -186,6 +224,7 @@ class Tracker:
             parent=detail.get("parent", 0),
             error=detail.get("error", ""),
             deadline=float(detail.get("deadline", 0.0)),
+            where=record.where,
         )
         flag = outcome.flag
         if was_over and machine.over and not flag and record.event is not Event.RETRY:
@@ -324,6 +363,7 @@ class Tracker:
             anomalies=machine.anomalies,
             duplicates=machine.duplicates,
             deadline=machine.deadline,
+            at_satellite=machine.where,
         )
 
     # -- loads
@@ -416,10 +456,10 @@ class Tracker:
 
     # -- queries
 
-    def answer_queries(self) -> None:
+    def answer_queries(self, socket: zmq.Socket[bytes]) -> None:
         for _ in range(256):
             try:
-                frames = self.query.recv_multipart(zmq.NOBLOCK)
+                frames = socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
             peer, frames = frames[0], frames[1:]
@@ -434,7 +474,7 @@ class Tracker:
                 reply = {"ref": ref, "ok": False, "error": str(exc)}
             except StoreError as exc:
                 reply = {"ref": ref, "ok": False, "error": str(exc)}
-            self.query.send_multipart([peer, *control("reply", reply)])
+            socket.send_multipart([peer, *control("reply", reply)])
 
     def _query(self, body: Any) -> Any:
         op = field_of(body, "op", str, "query")
@@ -472,7 +512,7 @@ class Tracker:
         if row is None:
             return None
         task = asdict(row)
-        task["unknown"] = _is_unknown(row, time.time())
+        task["unknown"] = self.is_unknown(row, time.time())
         return {
             "task": task,
             "events": [_event_dict(e) for e in self.store.events(task_id)],
@@ -493,13 +533,13 @@ class Tracker:
         now = time.time()
         if body.get("stuck") or filters.get("state") == "UNKNOWN":
             live = self.store.tasks(live=True, limit=1_000_000)
-            rows = [r for r in live if _is_unknown(r, now)][:limit]
+            rows = [r for r in live if self.is_unknown(r, now)][:limit]
         else:
             rows = self.store.tasks(limit=limit, **filters)
         found = []
         for row in rows:
             task = asdict(row)
-            task["unknown"] = _is_unknown(row, now)
+            task["unknown"] = self.is_unknown(row, now)
             found.append(task)
         return found
 
@@ -510,20 +550,34 @@ class Tracker:
             while True:
                 ready = dict(self.poller.poll(100))
                 batch = Batch()
-                confirms: list[list[bytes]] = []
+                replies: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
                 published: list[list[bytes]] = []
-                if self.events in ready:
-                    confirms, published = self.read_events(batch)
+                for socket in self.events:
+                    if socket in ready:
+                        confirms, live = self.read_events(socket, batch)
+                        replies.extend((socket, frames) for frames in confirms)
+                        published.extend(live)
+                for relay in self.relays.values():
+                    if relay.socket in ready:
+                        relay.read(batch)
                 if self.closing:
                     self.end_overdue(batch)
                 if batch:
-                    self.store.write(batch)
-                for frames in confirms:
-                    self.events.send_multipart(frames)
+                    self.store.write(batch)  # then, only then, confirm and publish
+                for socket, frames in replies:
+                    socket.send_multipart(frames)
                 for frames in published:
-                    self.pub.send_multipart(frames)
-                if self.query in ready:
-                    self.answer_queries()
+                    self.publish(frames)
+                now = time.monotonic()
+                for relay in self.relays.values():
+                    relay.send(now)
+                for socket in self.query:
+                    if socket in ready:
+                        self.answer_queries(socket)
+                if self.guard is not None:
+                    for monitor in self.guard.monitors:
+                        if monitor in ready:
+                            self.guard.read(monitor)
                 self.publish_load()
                 self.prune()
                 if self.stopping and not ready:
@@ -531,13 +585,17 @@ class Tracker:
         finally:
             self.close()
 
+    def publish(self, frames: list[bytes]) -> None:
+        for socket in self.pubs:
+            socket.send_multipart(frames)
+
     def publish_load(self) -> None:
         now = time.monotonic()
         if now - self.last_load_published < 1.0:
             return
         self.last_load_published = now
         body = msgpack.packb(self.load_view(), use_bin_type=True)
-        self.pub.send_multipart([LOAD_TOPIC, PROTOCOL_FRAME, body])
+        self.publish([LOAD_TOPIC, PROTOCOL_FRAME, body])
 
     def prune(self) -> None:
         now = time.time()
@@ -552,19 +610,29 @@ class Tracker:
         self.stopping = True
 
     def close(self) -> None:
-        for socket in (self.events, self.query, self.pub):
+        for socket in (*self.events, *self.query, *self.pubs):
             socket.close(linger=0)
+        for relay in self.relays.values():
+            relay.socket.close(linger=0)
+        if self.guard is not None:
+            self.guard.close()
         self.store.close()
 
+    def is_unknown(self, row: TaskRow, now: float) -> bool:
+        """A live task whose next progress was due, or whose satellite went silent."""
+        if row.ended is not None:
+            return False
+        if row.deadline > 0 and now > row.deadline:
+            return True
+        if row.at_satellite and row.at_satellite != self.satellite:
+            heard = self.last_heard(row.at_satellite)
+            return heard is None or now - heard > PEER_SILENT
+        return False
 
-def _is_unknown(row: TaskRow, now: float) -> bool:
-    """A live task whose next progress was due a while ago: its fate is not known."""
-    return (
-        row.ended is None
-        and row.deadline > 0
-        and now > row.deadline
-        and (row.state not in {str(e) for e in TERMINAL})
-    )
+    def last_heard(self, satellite: str) -> float | None:
+        """When this tracker last heard from another satellite (its tracker's heartbeat)."""
+        history = self.loads.get(f"{satellite}/{TRACKER}")
+        return history[-1]["received"] if history else None
 
 
 def _event_dict(event: EventRow) -> dict[str, Any]:
@@ -585,3 +653,101 @@ def _apply_row(machine: TaskMachine, row: EventRow) -> None:
         error=detail.get("error", ""),
         deadline=float(detail.get("deadline", 0.0)),
     )
+
+
+class Relay:
+    """Events of another satellite's tasks, on their way to its tracker.
+
+    Kept in the store until that tracker confirms them (so a restart, or a link
+    down for a while, loses none), sent in batches like a router's, with a
+    heartbeat every second so that tracker knows this satellite is alive.
+    """
+
+    def __init__(self, tracker: Tracker, context: Context, dest: str, store: Store) -> None:
+        self.tracker = tracker
+        self.dest = dest
+        self.producer = f"{tracker.satellite}/{TRACKER}"
+        epoch, self.next_eseq = store.relay_marks().get(dest, (0, 1))
+        self.epoch = epoch or secrets.randbelow(2**31) + 1
+        self.unconfirmed: collections.deque[tuple[int, bytes]] = collections.deque(
+            store.relay_pending().get(dest, [])
+        )
+        self.sent_upto = 0
+        self.sent_at = 0.0
+        self.last_beat = 0.0
+        topology = tracker.topology
+        plan = get_connection(topology, TRACKER, satellite=dest)
+        address = next(a for a in plan.socket("events").addresses if a.startswith("tcp://"))
+
+        def setup(socket: zmq.Socket[bytes]) -> None:
+            configure(socket, hwm=10_000, max_size=topology.defaults.max_message_size)
+            socket.setsockopt(zmq.IMMEDIATE, 1)
+
+        self.socket = curve.connect(
+            context,
+            zmq.DEALER,
+            address,
+            guard=tracker.guard,
+            server=curve.server_key(topology, dest),
+            setup=setup,
+        )
+
+    def add(self, record: EventRecord, batch: Batch) -> None:
+        """Keep an event for the other tracker (written in this cycle's transaction)."""
+        packed = msgpack.packb(record.as_list(), use_bin_type=True)
+        batch.relay.append((self.dest, self.next_eseq, packed))
+        self.unconfirmed.append((self.next_eseq, packed))
+        self.next_eseq += 1
+        batch.relay_marks[self.dest] = (self.epoch, self.next_eseq)
+
+    def send(self, now: float) -> None:
+        if now - self.last_beat >= 1.0:
+            self.last_beat = now
+            beat = {
+                "node": TRACKER,
+                "satellite": self.tracker.satellite,
+                "role": "tracker",
+                "relayed": len(self.unconfirmed),
+            }
+            with contextlib.suppress(zmq.Again):
+                self.socket.send_multipart(control("load", beat), zmq.NOBLOCK)
+        if not self.unconfirmed:
+            return
+        if now - self.sent_at > RELAY_CONFIRM_TIMEOUT and self.sent_upto:
+            self.sent_upto = 0  # no confirmation: the other side may have restarted
+        batch = [(e, r) for e, r in self.unconfirmed if e > self.sent_upto][:2000]
+        if not batch:
+            return
+        meta = {"producer": self.producer, "epoch": self.epoch, "first": batch[0][0]}
+        records = msgpack.packb(
+            [msgpack.unpackb(r, raw=False) for _, r in batch], use_bin_type=True
+        )
+        try:
+            self.socket.send_multipart(control("events", meta, records), zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        self.sent_upto = batch[-1][0]
+        self.sent_at = now
+
+    def read(self, batch: Batch) -> None:
+        """Confirmations from the other tracker: forget what it has stored."""
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                message = decode_control(frames, frozenset({"confirm"}))
+                upto = field_of(message.body, "upto", int, "confirm")
+                epoch = field_of(message.body, "epoch", int, "confirm")
+            except MessageError as exc:
+                self.tracker._malformed("relay", exc)
+                continue
+            if epoch != self.epoch:
+                continue
+            if message.body.get("gap"):
+                self.sent_upto = min(self.sent_upto, upto)
+            while self.unconfirmed and self.unconfirmed[0][0] <= upto:
+                self.unconfirmed.popleft()
+            batch.relay_confirmed[self.dest] = upto
+            self.sent_at = time.monotonic()

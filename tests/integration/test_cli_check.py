@@ -49,10 +49,12 @@ to = "csv"
 
 TWO_SATELLITES = """
 [satellite.a]
+insecure = true
 host = "127.0.0.1"
 runtime_dir = "rt/a"
 
 [satellite.b]
+insecure = true
 host = "127.0.0.2"
 runtime_dir = "rt/b"
 

@@ -239,7 +239,9 @@ def test_a_step_without_satellite_runs_on_the_first_satellite_defined(write: Wri
     path = write(
         """
 [satellite.alpha]
+insecure = true
 [satellite.beta]
+insecure = true
 host = "127.0.0.2"
 
 [step.cpu]
@@ -1005,7 +1007,7 @@ def test_a_satellite_named_twice_by_a_step_and_a_source_on_two_satellites_are_re
     write: Write,
 ) -> None:
     path = write(
-        '[satellite.a]\n[satellite.b]\nhost = "127.0.0.2"\n'
+        '[satellite.a]\ninsecure = true\n[satellite.b]\ninsecure = true\nhost = "127.0.0.2"\n'
         + PIPELINE.replace("[step.cpu]\n", '[step.cpu]\nsatellites = ["a", "a"]\n').replace(
             'every = "2s"', 'every = "2s"\nsatellites = ["a", "b"]'
         )
@@ -1018,11 +1020,13 @@ def test_a_satellite_named_twice_by_a_step_and_a_source_on_two_satellites_are_re
 
 TWO_SATELLITES = """
 [satellite.a]
+insecure = true
 host = "127.0.0.1"
 base_port = 7400
 runtime_dir = "RUNTIME/a"
 
 [satellite.b]
+insecure = true
 host = "127.0.0.2"
 base_port = 7400
 runtime_dir = "RUNTIME/b"

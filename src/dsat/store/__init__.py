@@ -35,6 +35,7 @@ class TaskRow:
     anomalies: int
     duplicates: int
     deadline: float  # by when the next progress is due; 0 = none
+    at_satellite: str = ""  # where its latest event happened
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,10 @@ class Batch:
     retried: list[str] = field(default_factory=list)  # dead letters sent again
     flags: list[tuple[str, int, str]] = field(default_factory=list)  # task_id, tseq, flag
     producers: dict[str, tuple[int, int]] = field(default_factory=dict)  # name -> epoch, eseq
+    # events of other satellites' tasks, kept until their own tracker confirms them
+    relay: list[tuple[str, int, bytes]] = field(default_factory=list)  # dest, eseq, record
+    relay_marks: dict[str, tuple[int, int]] = field(default_factory=dict)  # dest -> epoch, next
+    relay_confirmed: dict[str, int] = field(default_factory=dict)  # dest -> eseq confirmed
 
     def __bool__(self) -> bool:
         return bool(
@@ -105,6 +110,9 @@ class Batch:
             or self.retried
             or self.flags
             or self.producers
+            or self.relay
+            or self.relay_marks
+            or self.relay_confirmed
         )
 
 
@@ -138,6 +146,12 @@ class Store(Protocol):
         """Tasks matching every given filter, newest first."""
 
     def results(self, task_id: str) -> list[ResultRow]: ...
+
+    def relay_pending(self) -> dict[str, list[tuple[int, bytes]]]:
+        """Relayed events not yet confirmed, per destination satellite, in eseq order."""
+
+    def relay_marks(self) -> dict[str, tuple[int, int]]:
+        """Per destination satellite: the relay's epoch and its next eseq."""
 
     def dead_letter(self, task_id: str) -> DeadLetter | None: ...
 

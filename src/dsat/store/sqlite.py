@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS tasks (
     events INTEGER NOT NULL,
     anomalies INTEGER NOT NULL,
     duplicates INTEGER NOT NULL,
-    deadline REAL NOT NULL
+    deadline REAL NOT NULL,
+    at_satellite TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS tasks_by_job ON tasks (job_id, created);
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, updated);
@@ -75,6 +76,17 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     error TEXT NOT NULL,
     at REAL NOT NULL
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS relay (
+    dest TEXT NOT NULL,
+    eseq INTEGER NOT NULL,
+    record BLOB NOT NULL,
+    PRIMARY KEY (dest, eseq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS relay_marks (
+    dest TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL,
+    next_eseq INTEGER NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS producers (
     producer TEXT PRIMARY KEY,
     epoch INTEGER NOT NULL,
@@ -84,7 +96,7 @@ CREATE TABLE IF NOT EXISTS producers (
 
 _TASK_COLUMNS: Final = (
     "task_id, job_id, origin, state, step, attempt, error, created, updated, ended, events, "
-    "anomalies, duplicates, deadline"
+    "anomalies, duplicates, deadline, at_satellite"
 )
 _EVENT_COLUMNS: Final = (
     "task_id, tseq, branch, seq, attempt, event, step, at_satellite, wid, pid, at, detail, flag"
@@ -164,7 +176,7 @@ class SqliteStore:
             if tasks:
                 db.executemany(
                     f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     tasks,
                 )
             if batch.results:
@@ -200,6 +212,18 @@ class SqliteStore:
                 db.executemany(
                     "UPDATE events SET flag = ? WHERE task_id = ? AND tseq = ?",
                     [(flag, task_id, tseq) for task_id, tseq, flag in batch.flags],
+                )
+            if batch.relay:
+                db.executemany("INSERT OR REPLACE INTO relay VALUES (?, ?, ?)", batch.relay)
+            if batch.relay_marks:
+                db.executemany(
+                    "INSERT OR REPLACE INTO relay_marks VALUES (?, ?, ?)",
+                    [(dest, epoch, nxt) for dest, (epoch, nxt) in batch.relay_marks.items()],
+                )
+            if batch.relay_confirmed:
+                db.executemany(
+                    "DELETE FROM relay WHERE dest = ? AND eseq <= ?",
+                    list(batch.relay_confirmed.items()),
                 )
             if batch.producers:
                 db.executemany(
@@ -280,6 +304,19 @@ class SqliteStore:
             ).fetchall()
         return [ResultRow(t, b, s, z, bytes(d)) for t, b, s, z, d in rows]
 
+    def relay_pending(self) -> dict[str, list[tuple[int, bytes]]]:
+        with self._reading("relayed events") as db:
+            rows = db.execute("SELECT dest, eseq, record FROM relay ORDER BY dest, eseq").fetchall()
+        pending: dict[str, list[tuple[int, bytes]]] = {}
+        for dest, eseq, record in rows:
+            pending.setdefault(dest, []).append((eseq, bytes(record)))
+        return pending
+
+    def relay_marks(self) -> dict[str, tuple[int, int]]:
+        with self._reading("relay marks") as db:
+            rows = db.execute("SELECT dest, epoch, next_eseq FROM relay_marks").fetchall()
+        return {dest: (epoch, nxt) for dest, epoch, nxt in rows}
+
     def dead_letter(self, task_id: str) -> DeadLetter | None:
         with self._reading(f"dead letter {task_id}") as db:
             row = db.execute("SELECT * FROM dead_letters WHERE task_id = ?", (task_id,)).fetchone()
@@ -337,6 +374,7 @@ def _task_params(t: TaskRow) -> tuple[Any, ...]:
         t.anomalies,
         t.duplicates,
         t.deadline,
+        t.at_satellite,
     )
 
 
