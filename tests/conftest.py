@@ -12,6 +12,7 @@ import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,18 +73,28 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 5.0, interval: float
 class RunningSatellite:
     """A `dsat run` subprocess on a topology written in a temporary directory."""
 
-    def __init__(self, directory: Path, topology: Path, args: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        topology: Path,
+        args: tuple[str, ...] = (),
+        *,
+        satellite: str = "",
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         self.directory = directory
         self.topology = topology
-        self.output = directory / "run.out"
-        self.args = args
+        self.satellite = satellite
+        self.prefix = prefix  # e.g. ("ip", "netns", "exec", NAME): run it in a namespace
+        self.output = directory / (f"run-{satellite}.out" if satellite else "run.out")
+        self.args = (*args, "--satellite", satellite) if satellite else args
         self.process: subprocess.Popen[bytes] | None = None
         self.known_pids: set[int] = set()
 
     def start(self, timeout: float = 30.0) -> RunningSatellite:
         with open(self.output, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "dsat", "run", str(self.topology), *self.args],
+                [*self.prefix, sys.executable, "-m", "dsat", "run", str(self.topology), *self.args],
                 cwd=self.directory,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -103,7 +114,7 @@ class RunningSatellite:
         return self
 
     def client(self, timeout: float = 10.0) -> dsat.Client:
-        return dsat.connect(self.topology, timeout=timeout)
+        return dsat.connect(self.topology, satellite=self.satellite, timeout=timeout)
 
     def tree(self) -> list[int]:
         """Every process below `dsat run` (the arbiter, routers, workers, tracker)."""
@@ -164,7 +175,7 @@ class RunningSatellite:
         if node is None:
             return self.output.read_text(errors="replace") if self.output.exists() else ""
         runs = self.topology.parent / ".dsat"
-        logs = sorted(runs.glob(f"*/runs/latest/{node}.log"))
+        logs = sorted(runs.glob(f"{self.satellite or '*'}/runs/latest/{node}.log"))
         return logs[-1].read_text(errors="replace") if logs else ""
 
 
@@ -203,3 +214,38 @@ def satellite(tmp_path: Path) -> Iterator[Callable[..., RunningSatellite]]:
         running.kill_all()
     for runtime in runtime_dirs:
         shutil.rmtree(runtime, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------
+# figures: what a scenario measured, on one line the CI log keeps
+
+
+@dataclass
+class Figures:
+    """The figures of one scenario, printed on one line that the CI log keeps."""
+
+    name: str
+    submitted: int = 0
+    happy_end: int = 0
+    failure: int = 0
+    lost: int = 0
+    duplicates: int = 0
+    kills: int = 0
+    time: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        text = (
+            f"FIGURES {self.name}: submitted={self.submitted} happy_end={self.happy_end} "
+            f"failure={self.failure} lost={self.lost} duplicates={self.duplicates} "
+            f"kills={self.kills} time={self.time:.1f}s"
+        )
+        for key, value in self.extra.items():
+            text += f" {key}={value:.1f}" if isinstance(value, float) else f" {key}={value}"
+        return text
+
+
+def print_figures(capsys: pytest.CaptureFixture[str], figures: Figures) -> None:
+    """Print past pytest's capture, so the line is in the log of a run that passes."""
+    with capsys.disabled():
+        print(f"\n{figures.line()}", flush=True)

@@ -105,7 +105,7 @@ class Guard:
         self.keys = keys
         self.allowed = set(allowed)
         self.refused: Counter[str] = Counter()
-        self._last_log = 0.0
+        self._last_log: dict[tuple[str, str], float] = {}
         self._monitors: dict[Any, str] = {}
         self.authenticator = zmq.auth.thread.ThreadAuthenticator(context, log=log)
         self.authenticator.start()
@@ -147,15 +147,16 @@ class Guard:
             except zmq.Again:
                 return
             self.refused[purpose] += 1
+            reason = _reason(event["event"])
             now = time.monotonic()
-            if now - self._last_log > 1.0:
-                self._last_log = now
+            if now - self._last_log.get((purpose, reason), 0.0) > 1.0:
+                self._last_log[(purpose, reason)] = now  # each kind of refusal, once a second
                 log.warning(
                     "refused a peer on %s at %s (%d refused so far): %s",
                     purpose,
                     event.get("endpoint", b"?").decode(errors="replace"),
                     sum(self.refused.values()),
-                    _reason(event["event"]),
+                    reason,
                 )
 
     def close(self) -> None:
@@ -167,9 +168,7 @@ class Guard:
 def _reason(event: int) -> str:
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return "its key is not on the allow-list"
-    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-        return "it does not speak CURVE (or speaks it wrong)"
-    return "the handshake failed"
+    return "it does not speak CURVE, or not with this satellite's key"
 
 
 # ---------------------------------------------------------------------------

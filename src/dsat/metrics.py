@@ -30,9 +30,9 @@ class NodeLoad:
     """The latest load of one node (a pool's queue, a sink, the orchester...)."""
 
     node: str
-    step: str
-    role: str
-    satellite: str
+    step: str = ""
+    role: str = ""
+    satellite: str = ""
     pid: int = 0
     queued: int = 0  # tasks waiting (including those waiting for a retry)
     held: int = 0  # tasks being run
@@ -47,6 +47,7 @@ class NodeLoad:
     refused: int = 0
     duplicates: int = 0
     malformed: Mapping[str, int] = field(default_factory=dict)  # per socket
+    refused_peers: Mapping[str, int] = field(default_factory=dict)  # CURVE handshakes refused
     ticks: int = 0  # sources: ticks seen, tasks sent, ticks skipped (pushed back)
     sent: int = 0
     skipped: int = 0
@@ -62,6 +63,7 @@ class NodeLoad:
         known = cls.__dataclass_fields__
         values = {k: v for k, v in report.items() if k in known}
         values["malformed"] = dict(report.get("malformed") or {})
+        values["refused_peers"] = dict(report.get("refused_peers") or {})
         return cls(**values)
 
     @property

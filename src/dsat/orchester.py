@@ -318,6 +318,7 @@ class Orchester(FixedPoint):
     # -- the loop
 
     def run(self) -> None:
+        self.watch_monitors()
         try:
             while not (self.stopping and self.drained()):
                 now = time.monotonic()

@@ -67,6 +67,7 @@ Context = zmq.Context[zmq.Socket[bytes]]
 ACK_TIMEOUT: Final = 5.0  # a forward not acknowledged by then is sent again
 CUSTODY_CHECK: Final = 10.0  # ask a satellite holding our task this often if it still does
 DOWN_FOR: Final = 10.0  # an instance that did not answer is passed over this long
+BUSY_BACKOFF: Final = 0.2  # at most this long between offers of a task nobody has room for
 CONFIRM_TIMEOUT: Final = 2.0  # events not confirmed by then are sent again
 KILL_GRACE: Final = 1.0  # a worker past its task's timeout by this much is killed
 LOAD_EVERY: Final = 1.0  # seconds between load reports
@@ -74,6 +75,7 @@ MAX_BATCH: Final = 2000  # events per batch, messages read per socket per cycle
 RECENT: Final = 100_000  # keys of finished tasks remembered, to refuse duplicates
 MAX_BACKOFF: Final = 60.0
 PROPAGATE_WINDOW: Final = 8  # tasks offered to peer satellites at a time
+BACKLOG_PER_WORKER: Final = 4  # queued tasks per worker a multi-satellite step keeps
 
 
 def child_branch(task_id: str, parent: int, seq: int, target: str, index: int) -> int:
@@ -185,6 +187,7 @@ class Pending:
     frames: list[bytes]
     due: float = 0.0  # when to (re)send, or (in custody) to ask again
     tries: int = 0
+    refusals: int = 0  # "busy" answers so far: each makes the next try wait a bit longer
     instance: Instance | None = None  # where it was last sent
     custody: bool = False  # another satellite acknowledged it; we wait for its release
 
@@ -323,7 +326,8 @@ class Outbox:
     def busy(self, key: Key, now: float) -> None:
         item = self.pending.get(key)
         if item is not None and not item.custody:
-            item.due = now + min(1.0, 0.01 * 2 ** min(item.tries, 7))
+            item.due = now + min(BUSY_BACKOFF, 0.005 * 2 ** min(item.refusals, 6))
+            item.refusals += 1
             item.tries = 0
             if "@" not in item.target:
                 item.instance = None  # a peer with room may take it
@@ -442,8 +446,6 @@ class FixedPoint:
         )
         for socket in self.outbox.sockets:
             self.poller.register(socket, zmq.POLLIN)
-        for monitor in guard.monitors if guard else ():
-            self.poller.register(monitor, zmq.POLLIN)
 
     # -- events
 
@@ -582,6 +584,11 @@ class FixedPoint:
                     parent = self.outbox.released(key)
                 if parent is not None:
                     self.forwarded(parent)
+
+    def watch_monitors(self) -> None:
+        """Poll the CURVE monitors of every tcp socket (made by subclasses after us)."""
+        for monitor in self.guard.monitors if self.guard else ():
+            self.poller.register(monitor, zmq.POLLIN)
 
     def read_common(self, ready: dict[Any, int]) -> None:
         """The sockets every router has: events, the outbox, CURVE monitors."""
@@ -971,6 +978,7 @@ class Router(FixedPoint):
     # -- the loop
 
     def run(self) -> None:
+        self.watch_monitors()
         try:
             while not (self.stopping and self.drained()):
                 now = time.monotonic()
@@ -1078,7 +1086,17 @@ class QueueRouter(Router):
                     self.read_peers(socket)
 
     def has_room(self) -> bool:
-        return not self.full and not self.queue and bool(self.ready)
+        return not self.full and len(self.queue) < len(self.ready)
+
+    @property
+    def full(self) -> bool:
+        if len(self.items) >= self.step_def.max_queue or self.stopping:
+            return True
+        # a step that also runs elsewhere keeps only a short backlog: its senders keep
+        # the rest and offer each task to whichever satellite has room (least busy)
+        return self.peers is not None and len(self.queue) >= BACKLOG_PER_WORKER * max(
+            1, len(self.workers)
+        )
 
     # -- propagation: a saturated pool hands work to the same step on a peer satellite
 
@@ -1087,6 +1105,8 @@ class QueueRouter(Router):
         peers = self.peers
         if peers is None or self.ready or len(self.queue) <= len(self.workers):
             return
+        if all(i.down_until > now for i in peers.instances[self.step_name]):
+            return  # every peer is silent: keep the work here
         in_flight = peers.in_flight
         while in_flight < PROPAGATE_WINDOW and len(self.queue) > len(self.workers):
             item = self.items.get(self.queue.pop())
@@ -1149,6 +1169,7 @@ class QueueRouter(Router):
                         self.finish(parent)
 
     def take_back(self, pending: Pending) -> None:
+        """A peer had no room (or did not answer): the task waits here again."""
         assert self.peers is not None
         self.peers.pending.pop(pending.key, None)
         self.peers.by_parent.pop(pending.parent, None)
@@ -1157,6 +1178,48 @@ class QueueRouter(Router):
             item.state = "queued"
             self.queue.appendleft(item.key)
             self.journal.requeued(item.key)
+
+    def reclaim(self, pending: Pending) -> None:
+        """A peer took a task, then went silent: take it back as the message we propagated.
+
+        The peer may come back and run it too (at least once); the history stays
+        whole: ACK, PROPAGATE, then our own ACK of the propagated message.
+        """
+        assert self.peers is not None
+        self.take_back(pending)
+        parent = self.items.pop(pending.parent, None)
+        if parent is None:
+            return
+        with contextlib.suppress(ValueError):
+            self.queue.remove(parent.key)
+        vector = decode(pending.frames)
+        item = Item(
+            pending.key,
+            vector.envelope,
+            vector.payload,
+            pending.frames,
+            attempt=vector.envelope.attempt or 1,
+        )
+        self.items[item.key] = item
+        self.journal.accept(item.key, pending.frames)
+        self.journal.done(parent.key)
+        self.remember(parent.key)
+        self.event(item.envelope, Event.ACK, attempt=item.attempt)
+        self.queue.append(item.key)
+        log.warning("%s: took back task %s from a silent peer", self.node, item.key[0])
+
+    def watch_peers(self, now: float) -> None:
+        """Propagations nobody answered come back; those a silent peer held are reclaimed."""
+        if self.peers is None:
+            return
+        for pending in list(self.peers.pending.values()):
+            if pending.tries and pending.due <= now:
+                if pending.instance is not None:
+                    pending.instance.down_until = now + DOWN_FOR
+                if pending.custody:
+                    self.reclaim(pending)
+                else:
+                    self.take_back(pending)
 
     def read_work(self) -> None:
         for _ in range(MAX_BATCH):
@@ -1339,6 +1402,7 @@ class QueueRouter(Router):
         self.propagate(time.monotonic())
 
     def tick(self, now: float) -> None:
+        self.watch_peers(now)
         limit = self.step_def.timeout + KILL_GRACE
         for worker in self.workers.values():
             for key in worker.held:

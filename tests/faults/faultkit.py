@@ -15,15 +15,14 @@ import signal
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import psutil
-import pytest
 
-from conftest import RunningSatellite, wait_for
+from conftest import Figures, RunningSatellite, wait_for
 
 TERMINAL = ("HAPPY_END", "FAILURE")
 
@@ -232,37 +231,6 @@ def read_outcome(running: RunningSatellite, task_ids: Sequence[str]) -> Outcome:
 
 # ---------------------------------------------------------------------------
 # figures
-
-
-@dataclass
-class Figures:
-    """The figures of one scenario, printed on one line that the CI log keeps."""
-
-    name: str
-    submitted: int = 0
-    happy_end: int = 0
-    failure: int = 0
-    lost: int = 0
-    duplicates: int = 0
-    kills: int = 0
-    time: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def line(self) -> str:
-        text = (
-            f"FIGURES {self.name}: submitted={self.submitted} happy_end={self.happy_end} "
-            f"failure={self.failure} lost={self.lost} duplicates={self.duplicates} "
-            f"kills={self.kills} time={self.time:.1f}s"
-        )
-        for key, value in self.extra.items():
-            text += f" {key}={value:.1f}" if isinstance(value, float) else f" {key}={value}"
-        return text
-
-
-def print_figures(capsys: pytest.CaptureFixture[str], figures: Figures) -> None:
-    """Print past pytest's capture, so the line is in the log of a run that passes."""
-    with capsys.disabled():
-        print(f"\n{figures.line()}", flush=True)
 
 
 def tally(figures: Figures, outcome: Outcome) -> None:

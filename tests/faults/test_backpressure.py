@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import psutil
 import pytest
-from faultkit import Figures, log_tail, print_figures, read_outcome, tally, wait_until_ended
+from faultkit import log_tail, read_outcome, tally, wait_until_ended
 
 import dsat
-from conftest import RunningSatellite, wait_for
+from conftest import Figures, RunningSatellite, print_figures, wait_for
 
 SLOW = """
 import time

@@ -6,18 +6,9 @@ import time
 from collections.abc import Callable
 
 import pytest
-from faultkit import (
-    HEADER,
-    Figures,
-    log_tail,
-    not_ended,
-    print_figures,
-    read_outcome,
-    tally,
-    wait_until_ended,
-)
+from faultkit import HEADER, log_tail, not_ended, read_outcome, tally, wait_until_ended
 
-from conftest import RunningSatellite, wait_for
+from conftest import Figures, RunningSatellite, print_figures, wait_for
 from dsat.fsm import RANK, Event
 
 # ---------------------------------------------------------------------------

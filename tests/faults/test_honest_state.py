@@ -10,19 +10,17 @@ from collections.abc import Callable
 import pytest
 from faultkit import (
     STAGES,
-    Figures,
     ended,
     kill,
     log_tail,
     not_ended,
-    print_figures,
     read_outcome,
     tally,
     three_stages,
     wait_until_ended,
 )
 
-from conftest import RunningSatellite, wait_for
+from conftest import Figures, RunningSatellite, print_figures, wait_for
 
 HELD = """
 [satellite.local]

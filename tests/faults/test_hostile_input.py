@@ -14,11 +14,9 @@ import pytest
 import zmq
 from faultkit import (
     HEADER,
-    Figures,
     log_tail,
     not_ended,
     peak_rss,
-    print_figures,
     read_outcome,
     rss,
     tally,
@@ -27,7 +25,7 @@ from faultkit import (
 from zmq.utils.monitor import recv_monitor_message
 
 import dsat
-from conftest import RunningSatellite, wait_for
+from conftest import Figures, RunningSatellite, print_figures, wait_for
 from dsat.message import PROTOCOL_FRAME, EventRecord, control, pack_records
 
 TOPOLOGY = (

@@ -8,13 +8,11 @@ from collections.abc import Callable
 import pytest
 from faultkit import (
     STAGES,
-    Figures,
     ended,
     kill,
     log_tail,
     new_pid,
     not_ended,
-    print_figures,
     read_outcome,
     stages_result,
     tally,
@@ -23,7 +21,7 @@ from faultkit import (
 )
 
 import dsat
-from conftest import RunningSatellite, wait_for
+from conftest import Figures, RunningSatellite, print_figures, wait_for
 from dsat.fsm import RANK, Event
 
 TASKS = 2000

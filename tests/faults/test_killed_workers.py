@@ -9,19 +9,17 @@ from collections.abc import Callable
 import pytest
 from faultkit import (
     STAGES,
-    Figures,
     ended,
     kill_workers_until,
     log_tail,
     not_ended,
-    print_figures,
     read_outcome,
     stages_result,
     tally,
     three_stages,
 )
 
-from conftest import RunningSatellite
+from conftest import Figures, RunningSatellite, print_figures
 
 TASKS = 5000
 JOB = "killed-workers"

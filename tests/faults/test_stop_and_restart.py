@@ -9,11 +9,9 @@ from collections.abc import Callable
 import pytest
 from faultkit import (
     STAGES,
-    Figures,
     ended,
     log_tail,
     not_ended,
-    print_figures,
     read_outcome,
     stages_result,
     tally,
@@ -21,7 +19,7 @@ from faultkit import (
     wait_until_ended,
 )
 
-from conftest import RunningSatellite, wait_for
+from conftest import Figures, RunningSatellite, print_figures, wait_for
 
 TASKS = 2000
 STOP_WITHIN = 30.0

@@ -299,9 +299,21 @@ def test_random_garbage_at_the_end_never_breaks_replay(tmp_path: Path, garbage: 
     with open(path, "ab") as file:
         file.write(garbage)
     found = replay(path)
-    assert key(1) in found.tasks
-    assert found.epoch == 7
+    assert key(1) in found.tasks or garbage_is_a_record(garbage, "done")
+    # garbage that happens to be a well-formed record is one: only a valid epoch replaces 7
+    assert found.epoch == 7 or garbage_is_a_record(garbage, "epoch")
+    assert found.epoch > 0
     path.unlink()
+
+
+def garbage_is_a_record(garbage: bytes, kind: str) -> bool:
+    """Does the garbage start with a well-formed record of this kind?"""
+    try:
+        length = int.from_bytes(garbage[:4], "big")
+        item = msgpack.unpackb(garbage[4 : 4 + length], raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return False
+    return len(garbage) >= 4 + length and type(item) is list and item[:1] == [kind]
 
 
 # ---------------------------------------------------------------------------
