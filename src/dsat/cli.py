@@ -166,7 +166,10 @@ def _top_frame(client: Any) -> str:
         f"{'done/s':>8} {'errors/s':>8} {'mean':>8} {'p95':>8}  last scaling",
     ]
     shown = set()
+    here = client.satellite
     for name, pool in sorted(pools.items()):
+        if pool["satellite"] != here:
+            continue
         load = loads.get(f"{pool['satellite']}/{pool['pool']}.queue")
         shown.add(f"{pool['satellite']}/{pool['pool']}.queue")
         decisions = pool.get("decisions") or []
@@ -183,7 +186,12 @@ def _top_frame(client: Any) -> str:
             f"{load.done_per_s:>8.1f} {load.errors_per_s:>8.2f} {_ms(load.mean):>8} "
             f"{_ms(load.p95):>8}  {scaling}"
         )
-    others = [(name, load) for name, load in sorted(loads.items()) if name not in shown]
+    peers = [load for name, load in loads.items() if load.role == "tracker"]
+    others = [
+        (name, load)
+        for name, load in sorted(loads.items())
+        if name not in shown and load.role != "tracker"
+    ]
     if others:
         lines += [
             "",
@@ -199,6 +207,11 @@ def _top_frame(client: Any) -> str:
     malformed = sum(load.malformed_total for load in loads.values()) + sum(
         stats.get("malformed", {}).values()
     )
+    if peers:
+        heard = ", ".join(
+            f"{p.satellite} {p.age:.1f}s ago" for p in sorted(peers, key=lambda p: p.satellite)
+        )
+        lines += ["", f"peer satellites last heard: {heard}"]
     lines += [
         "",
         f"tracker: {stats.get('live', 0)} live tasks, {stats.get('applied', 0)} "
@@ -247,8 +260,9 @@ def _event_line(event: Any) -> str:
     where = f"{event.step or '-'}"
     flag = f"  [{event.flag}]" if event.flag else ""
     error = f"  {event.detail.get('error')}" if event.detail.get("error") else ""
+    stamp = _time(event.at, precise=True)[11:]
     return (
-        f"{event.tseq:>4} {_time(event.at)} {event.event:10} {where:12} "
+        f"#{event.tseq:<4} {stamp} {event.event:10} {where:12} {event.where or '-':8} "
         f"try {event.attempt} seq {event.seq} {event.wid}{error}{flag}"
     )
 

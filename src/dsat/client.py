@@ -591,6 +591,7 @@ def connect(
     satellite: str = "",
     timeout: float = 10.0,
     key: str | None = None,
+    local: bool | None = None,
 ) -> Client:
     """A Client for a satellite, from its topology file (or a loaded Topology).
 
@@ -598,7 +599,7 @@ def connect(
     over ipc when its runtime directory is on this machine, else over tcp; then,
     unless the satellite runs insecure, ``key`` (or $DSAT_KEY) names this
     client's secret key file, whose public key the topology lists under
-    ``[client.NAME]``.
+    ``[client.NAME]``. ``local`` forces one or the other.
     """
     topology = (
         target if isinstance(target, Topology) else load_topology(target, check_imports=False)
@@ -609,7 +610,8 @@ def connect(
         raise DsatError(f"{topology.path}: no satellite {satellite!r} (defined: {known})")
     orchester = get_connection(topology, ORCHESTER, satellite=satellite)
     tracker = get_connection(topology, TRACKER, satellite=satellite)
-    local = os.path.exists(os.path.join(topology.runtime_dir(satellite), ORCHESTER))
+    if local is None:
+        local = os.path.isdir(topology.runtime_dir(satellite))
 
     def pick(addresses: tuple[str, ...]) -> str:
         wanted = "ipc://" if local else "tcp://"

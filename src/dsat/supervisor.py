@@ -425,7 +425,9 @@ class Autoscaler:
             s.name: collections.deque(maxlen=int(s.autoscale.idle_after) + 30) for s in self.pools
         }
         self.next_look = 0.0
-        self.client = connect(topology, satellite=satellite, timeout=1.0) if self.pools else None
+        self.client = (
+            connect(topology, satellite=satellite, timeout=1.0, local=True) if self.pools else None
+        )
         self._context = zmq.Context() if self.pools else None
         self.report: Any = None
         if self._context is not None:

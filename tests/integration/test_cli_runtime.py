@@ -135,7 +135,7 @@ def test_status_prints_the_state_the_result_and_the_whole_history(
     assert lines[5].split()[0] == "history"
     history = lines[6:]
     assert len(history) == len(state.history) == 10
-    printed = [(int(line.split()[0]), line.split()[3]) for line in history]
+    printed = [(int(line.split()[0].lstrip("#")), line.split()[2]) for line in history]
     # in the order things happened, each event with its number in the task's log
     assert printed == [(e.tseq, e.event) for e in state.timeline()]
     assert [event for _, event in printed] == [
@@ -186,7 +186,7 @@ def test_watch_prints_every_event_until_the_task_ends_then_exits_0(
         state = client.state(task_id)
     assert state.state == "HAPPY_END"
     lines = out.splitlines()
-    printed = [(int(line.split()[0]), line.split()[3]) for line in lines]
+    printed = [(int(line.split()[0].lstrip("#")), line.split()[2]) for line in lines]
     assert [tseq for tseq, _ in printed] == list(range(1, len(state.history) + 1))
     assert printed == [(e.tseq, e.event) for e in state.history]
     assert [event for _, event in printed].count("HAPPY_END") == 1
