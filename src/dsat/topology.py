@@ -639,7 +639,10 @@ class _Loader:
         steps = self.steps(top.get("step", {}), defaults, satellites)
         links = self.links(top.get("link", []), steps)
         self.check_ipc_paths(satellites, steps)
-        topology = Topology(self.file, satellites, steps, links, store, defaults, python_path)
+        clients = self.clients(top.get("client", {}))
+        topology = Topology(
+            self.file, satellites, steps, links, store, defaults, python_path, clients
+        )
         # Whole-graph checks run on what did load, so one bad field hides nothing else.
         self.check_graph(topology)
         self.check_addresses(topology)
