@@ -287,6 +287,12 @@ def test_a_client_with_an_unknown_key_or_no_curve_gets_nothing_accepted(
     logged = a.log("orchester") + a.log("work.queue")
     assert re.search(r"refused a peer on (submit|in) .*not on the allow-list", logged)
     assert re.search(r"refused a peer on (submit|in) .*does not speak CURVE", logged)
+    # and a client whose key the topology names gets in, over tcp
+    key = str(sky.directory / "keys" / "client.key_secret")
+    with dsat.connect(sky.topology, satellite="a", key=key, local=False) as remote:
+        assert remote._addresses[0].startswith("tcp://")
+        task_id = remote.submit("work", {"n": 21})
+        assert remote.wait(task_id, timeout=30)["n"] == 42
 
 
 def _refused(client: dsat.Client) -> int:
