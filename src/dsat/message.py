@@ -47,13 +47,14 @@ tracker) count it, log it and go on.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import pickle
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import Any, Final, Generic, TypeVar
 
 import msgpack
 import zmq
@@ -61,6 +62,8 @@ import zmq
 from dsat.errors import MessageError, VersionError
 from dsat.fsm import Event
 from dsat.version import Version, compatible
+
+T = TypeVar("T")
 
 PROTOCOL: Final = Version(1, 0, "0")
 PROTOCOL_FRAME: Final = str(PROTOCOL).encode("ascii")
@@ -596,3 +599,54 @@ def record_from_row(index: int, row: Any) -> EventRecord:
         float(at),
         detail,
     )
+
+
+class Outstanding(Generic[T]):
+    """Numbered items (events) sent in batches until the receiver confirms them.
+
+    Go-back-N: the receiver confirms the highest number it has stored; a batch
+    after a gap is refused (``confirm`` with ``gap``) and everything from the
+    first missing one is sent again; so is everything unconfirmed when no
+    confirmation came for ``timeout`` seconds (the receiver may have restarted).
+    """
+
+    def __init__(self, pending: Iterable[tuple[int, T]] = (), *, timeout: float = 2.0) -> None:
+        self.unconfirmed: collections.deque[tuple[int, T]] = collections.deque(pending)
+        self.unsent: collections.deque[tuple[int, T]] = collections.deque(self.unconfirmed)
+        self.timeout = timeout
+        self.sent_at = 0.0
+
+    def extend(self, items: Iterable[tuple[int, T]]) -> None:
+        for item in items:
+            self.unconfirmed.append(item)
+            self.unsent.append(item)
+
+    def batch(self, now: float, limit: int) -> list[tuple[int, T]]:
+        """The next items to send (taken off the unsent list), or [] when none is due."""
+        if self.unconfirmed and not self.unsent and now - self.sent_at > self.timeout:
+            self.unsent = collections.deque(self.unconfirmed)  # no word from the receiver
+        count = min(limit, len(self.unsent))
+        return [self.unsent.popleft() for _ in range(count)]
+
+    def sent(self, now: float) -> None:
+        self.sent_at = now
+
+    def unsend(self, batch: list[tuple[int, T]]) -> None:
+        """A batch that could not leave goes back to the front."""
+        self.unsent.extendleft(reversed(batch))
+
+    def confirmed(self, upto: int, now: float, *, gap: bool = False) -> bool:
+        """The receiver stored everything up to ``upto``; True if that confirmed anything."""
+        dropped = False
+        while self.unconfirmed and self.unconfirmed[0][0] <= upto:
+            self.unconfirmed.popleft()
+            dropped = True
+        while self.unsent and self.unsent[0][0] <= upto:
+            self.unsent.popleft()
+        if gap:  # it refused a batch after a gap: everything after what it has, again
+            self.unsent = collections.deque(self.unconfirmed)
+        self.sent_at = now
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self.unconfirmed)

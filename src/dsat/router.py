@@ -34,6 +34,7 @@ import os
 import secrets
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -47,6 +48,7 @@ from dsat.journal import Entry, Forward, Journal, Key
 from dsat.message import (
     Envelope,
     EventRecord,
+    Outstanding,
     configure,
     control,
     decode,
@@ -68,6 +70,7 @@ ACK_TIMEOUT: Final = 5.0  # a forward not acknowledged by then is sent again
 CUSTODY_CHECK: Final = 10.0  # ask a satellite holding our task this often if it still does
 DOWN_FOR: Final = 10.0  # an instance that did not answer is passed over this long
 BUSY_BACKOFF: Final = 0.2  # at most this long between offers of a task nobody has room for
+WINDOW: Final = 256  # messages sent to one instance and not yet answered
 CONFIRM_TIMEOUT: Final = 2.0  # events not confirmed by then are sent again
 KILL_GRACE: Final = 1.0  # a worker past its task's timeout by this much is killed
 LOAD_EVERY: Final = 1.0  # seconds between load reports
@@ -76,6 +79,9 @@ RECENT: Final = 100_000  # keys of finished tasks remembered, to refuse duplicat
 MAX_BACKOFF: Final = 60.0
 PROPAGATE_WINDOW: Final = 8  # tasks offered to peer satellites at a time
 BACKLOG_PER_WORKER: Final = 4  # queued tasks per worker a multi-satellite step keeps
+PREFETCH: Final = 0.02  # seconds of work a worker may have waiting in hand (short tasks)
+PREFETCH_MAX: Final = 64
+DEATH_GRACE: Final = 0.1  # seconds a dead worker's last messages get to arrive
 
 
 def child_branch(task_id: str, parent: int, seq: int, target: str, index: int) -> int:
@@ -112,10 +118,8 @@ class Reporter:
         self.producer = producer
         self.epoch = epoch
         self.next_eseq = next_eseq
-        self.unconfirmed: collections.deque[tuple[int, EventRecord]] = collections.deque(pending)
+        self.outstanding: Outstanding[EventRecord] = Outstanding(pending, timeout=CONFIRM_TIMEOUT)
         self.fresh: list[tuple[int, EventRecord]] = []
-        self.sent_upto = 0  # highest eseq sent since the last (re)send started
-        self.sent_at = 0.0
 
     def add(self, record: EventRecord) -> None:
         self.fresh.append((self.next_eseq, record))
@@ -125,16 +129,12 @@ class Reporter:
         """Append this cycle's events to the journal (before the cycle's sends)."""
         if self.fresh:
             self.journal.events(self.fresh)
-            self.unconfirmed.extend(self.fresh)
+            self.outstanding.extend(self.fresh)
             self.fresh = []
 
     def send(self, now: float) -> None:
-        """Send what was not sent yet; everything unconfirmed again after CONFIRM_TIMEOUT."""
-        if not self.unconfirmed:
-            return
-        if now - self.sent_at > CONFIRM_TIMEOUT and self.sent_upto:
-            self.sent_upto = 0  # the tracker may have restarted: go back to the first
-        batch = [(e, r) for e, r in self.unconfirmed if e > self.sent_upto][:MAX_BATCH]
+        """Send what was not sent yet (everything unconfirmed again after a silence)."""
+        batch = self.outstanding.batch(now, MAX_BATCH)
         if not batch:
             return
         meta = {"producer": self.producer, "epoch": self.epoch, "first": batch[0][0]}
@@ -143,23 +143,25 @@ class Reporter:
                 control("events", meta, pack_records([r for _, r in batch])), zmq.NOBLOCK
             )
         except zmq.Again:
-            return  # the tracker is not keeping up; the next cycle tries again
-        self.sent_upto = batch[-1][0]
-        self.sent_at = now
+            self.outstanding.unsend(batch)  # the tracker is not keeping up: next cycle
+            return
+        self.outstanding.sent(now)
 
     def confirmed(self, upto: int, now: float, *, gap: bool = False) -> None:
-        if gap:  # the tracker dropped a batch after a gap: send again from what it has
-            self.sent_upto = min(self.sent_upto, upto)
-        if not self.unconfirmed or upto < self.unconfirmed[0][0]:
-            return
-        while self.unconfirmed and self.unconfirmed[0][0] <= upto:
-            self.unconfirmed.popleft()
-        self.journal.confirm(upto)
-        self.sent_at = now
+        if self.outstanding.confirmed(upto, now, gap=gap):
+            self.journal.confirm(upto)
+
+    @property
+    def unconfirmed(self) -> collections.deque[tuple[int, EventRecord]]:
+        return self.outstanding.unconfirmed
+
+    @property
+    def sent_at(self) -> float:
+        return self.outstanding.sent_at
 
     @property
     def backlog(self) -> int:
-        return len(self.unconfirmed) + len(self.fresh)
+        return len(self.outstanding) + len(self.fresh)
 
 
 # ---------------------------------------------------------------------------
@@ -175,6 +177,10 @@ class Instance:
     socket: zmq.Socket[bytes]
     remote: bool  # on another satellite: custody until it releases what it took
     down_until: float = 0.0  # it did not answer: try the others until then
+    in_flight: int = 0  # sent, not yet answered (the window)
+    busy_until: float = 0.0  # it said busy: send it nothing new until then
+    refusals: int = 0  # "busy" answers in a row: each doubles the pause
+    window: int = 16  # unanswered messages allowed: +1 per ack, back to 1 on busy (AIMD)
 
 
 @dataclass(slots=True)
@@ -190,6 +196,11 @@ class Pending:
     refusals: int = 0  # "busy" answers so far: each makes the next try wait a bit longer
     instance: Instance | None = None  # where it was last sent
     custody: bool = False  # another satellite acknowledged it; we wait for its release
+
+
+def _window(instance: Instance) -> int:
+    """How many unanswered messages an instance may have now."""
+    return instance.window
 
 
 class Outbox:
@@ -221,6 +232,11 @@ class Outbox:
         self.pending: dict[Key, Pending] = {}
         self.by_parent: dict[Key, set[Key]] = {}
         self._turn: dict[str, int] = {}
+        self._timers: list[tuple[float, int, Key]] = []  # (due, order, key); stale ones skipped
+        self._order = 0
+        self.ready: dict[str, collections.deque[Key]] = {}  # per target, in order
+        # called for a message whose receiver did not answer in time; True: it dealt with it
+        self.on_silence: Callable[[Pending], bool] | None = None
 
         def setup(socket: zmq.Socket[bytes]) -> None:
             configure(
@@ -257,43 +273,92 @@ class Outbox:
     def add(self, pending: Pending) -> None:
         self.pending[pending.key] = pending
         self.by_parent.setdefault(pending.parent, set()).add(pending.key)
+        self._ready(pending)
 
-    def _choose(self, pending: Pending, now: float) -> Instance | None:
-        step, _, pinned = pending.target.partition("@")
+    # -- when to send what
+
+    def _ready(self, item: Pending) -> None:
+        """It wants to go now (or as soon as an instance of its target has room)."""
+        self.ready.setdefault(item.target, collections.deque()).append(item.key)
+
+    def _schedule(self, item: Pending, due: float) -> None:
+        item.due = due
+        self._order += 1
+        heapq.heappush(self._timers, (due, self._order, item.key))
+
+    def _free(self, item: Pending) -> None:
+        """It is no longer in flight: its place in its instance's window is free."""
+        if item.instance is not None and item.tries and not item.custody:
+            item.instance.in_flight -= 1
+        item.tries = 0
+
+    def _choose(self, target: str, now: float) -> Instance | None:
+        step, _, pinned = target.partition("@")
         instances = self.instances.get(step, [])
         if pinned:
-            return next((i for i in instances if i.satellite == pinned), None)
+            chosen = next((i for i in instances if i.satellite == pinned), None)
+            if chosen is None or chosen.in_flight >= _window(chosen) or chosen.busy_until > now:
+                return None
+            return chosen
         up = [i for i in instances if i.down_until <= now] or instances
-        if not up:
+        room = [i for i in up if i.in_flight < _window(i) and i.busy_until <= now]
+        if not room:
             return None
         turn = self._turn.get(step, 0)
         self._turn[step] = turn + 1
-        return up[turn % len(up)]
+        return room[turn % len(room)]
 
     def flush(self, now: float) -> None:
-        """Send what is due: new messages, resends, and custody checks."""
-        for item in self.pending.values():
-            if item.due > now:
+        """Send what is due: new messages, resends, custody checks."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            due, _, key = heapq.heappop(timers)
+            item = self.pending.get(key)
+            if item is None or item.due != due:
+                continue  # answered, or rescheduled since
+            if item.custody and item.tries == 0:
+                self._send(item, item.instance, now)  # is it still there? ask it
                 continue
             if item.tries and item.instance is not None:
-                # no answer in time (to a send, or to a custody check): pass it over
-                item.instance.down_until = now + DOWN_FOR
-                if not item.target.count("@"):
-                    item.instance = None
+                # no answer in time, to a send or to a custody check
+                if self.on_silence is not None and self.on_silence(item):
+                    continue
+                item.instance.down_until = now + DOWN_FOR  # pass it over for a while
+                self._free(item)
                 item.custody = False
-            instance = item.instance or self._choose(item, now)
-            if instance is None:
-                item.due = now + 1.0
-                continue
-            try:
-                instance.socket.send_multipart(item.frames, zmq.NOBLOCK)
-            except zmq.Again:
-                item.instance = None  # not connected, or its pipe is full: another one
-                item.due = now + 0.05
-                continue
-            item.instance = instance
-            item.tries += 1
-            item.due = now + ACK_TIMEOUT
+                if "@" not in item.target:
+                    item.instance = None
+            self._ready(item)
+        for target, keys in self.ready.items():
+            while keys:
+                item = self.pending.get(keys[0])
+                if item is None or item.tries or item.custody:
+                    keys.popleft()  # gone, or already on its way
+                    continue
+                instance = self._choose(target, now)
+                if instance is None:
+                    break  # every instance's window is full: wait for answers
+                keys.popleft()
+                self._send(item, instance, now)
+
+    def _send(self, item: Pending, instance: Instance | None, now: float) -> None:
+        if instance is None:
+            self._schedule(item, now + 1.0)
+            return
+        try:
+            instance.socket.send_multipart(item.frames, zmq.NOBLOCK)
+        except zmq.Again:
+            if not item.custody:
+                item.instance = None  # not connected, or its pipe is full: later, elsewhere
+            self._schedule(item, now + 0.05)
+            return
+        item.instance = instance
+        if not item.custody:
+            instance.in_flight += 1
+        item.tries += 1
+        self._schedule(item, now + ACK_TIMEOUT)
+
+    # -- answers
 
     def acked(self, key: Key, socket: zmq.Socket[bytes], now: float) -> Key | None:
         """An instance has the message; return its parent when that was its last child."""
@@ -302,16 +367,22 @@ class Outbox:
         if item is None or instance is None:
             return None
         instance.down_until = 0.0
+        instance.refusals = 0
+        instance.window = min(WINDOW, instance.window + 1)
+        self._free(item)
         if instance.remote:
             item.instance, item.custody = instance, True
-            item.tries = 0
-            item.due = now + CUSTODY_CHECK
+            self._schedule(item, now + CUSTODY_CHECK)
             return None
         return self._done(key)
 
     def released(self, key: Key) -> Key | None:
         """Another satellite is done with a message it had in custody."""
-        return self._done(key) if key in self.pending else None
+        item = self.pending.get(key)
+        if item is None:
+            return None
+        self._free(item)
+        return self._done(key)
 
     def _done(self, key: Key) -> Key | None:
         item = self.pending.pop(key)
@@ -323,17 +394,48 @@ class Outbox:
                 return item.parent
         return None
 
-    def busy(self, key: Key, now: float) -> None:
+    def busy(self, key: Key, socket: zmq.Socket[bytes], now: float) -> None:
+        """The instance is full: leave it alone a while (longer each time), offer it elsewhere."""
         item = self.pending.get(key)
+        instance = self.by_socket.get(socket)
+        if instance is not None and instance.busy_until <= now:
+            instance.busy_until = now + min(BUSY_BACKOFF, 0.002 * 2 ** min(instance.refusals, 7))
+            instance.refusals += 1
+        if instance is not None:
+            instance.window = 1  # a full receiver: one probe at a time until it takes again
         if item is not None and not item.custody:
-            item.due = now + min(BUSY_BACKOFF, 0.005 * 2 ** min(item.refusals, 6))
-            item.refusals += 1
-            item.tries = 0
+            self._free(item)
             if "@" not in item.target:
                 item.instance = None  # a peer with room may take it
+            self._ready(item)
+
+    def remove(self, key: Key) -> Pending | None:
+        """Take a message back (it will not be sent)."""
+        item = self.pending.pop(key, None)
+        if item is not None:
+            self._free(item)
+            children = self.by_parent.get(item.parent)
+            if children is not None:
+                children.discard(key)
+                if not children:
+                    del self.by_parent[item.parent]
+        return item
 
     def next_due(self) -> float:
-        return min((p.due for p in self.pending.values()), default=float("inf"))
+        soonest = float("inf")  # waiting for a busy instance's pause to end (a full
+        for target, keys in self.ready.items():  # window waits for an answer instead)
+            if keys:
+                for instance in self.instances.get(target.partition("@")[0], []):
+                    if instance.in_flight < _window(instance):
+                        soonest = min(soonest, instance.busy_until)
+        timers = self._timers
+        while timers:
+            due, _, key = timers[0]
+            item = self.pending.get(key)
+            if item is not None and item.due == due:
+                return min(due, soonest)
+            heapq.heappop(timers)  # a stale timer: drop it
+        return soonest
 
     @property
     def in_flight(self) -> int:
@@ -576,7 +678,7 @@ class FixedPoint:
                 continue
             for key in keys:
                 if message.kind == "busy":
-                    self.outbox.busy(key, now)
+                    self.outbox.busy(key, socket, now)
                     continue
                 if message.kind == "ack":
                     parent = self.outbox.acked(key, socket, now)
@@ -1036,9 +1138,13 @@ class WorkerInfo:
     pid: int
     wid: str
     pidfd: int = -1
-    credit: int = 0
-    held: set[Key] = field(default_factory=set)
+    capacity: int = 1  # tasks it may hold at once (it runs them one after the other)
+    held: dict[Key, None] = field(default_factory=dict)  # in order: the first one runs
     leaving: bool = False
+
+    @property
+    def running(self) -> Key | None:
+        return next(iter(self.held), None)
 
 
 class QueueRouter(Router):
@@ -1056,7 +1162,7 @@ class QueueRouter(Router):
         self.poller.register(self.work, zmq.POLLIN)
         self.workers: dict[bytes, WorkerInfo] = {}
         self.by_pidfd: dict[int, bytes] = {}
-        self.ready: collections.deque[bytes] = collections.deque()
+        self.dying: dict[bytes, float] = {}  # dead workers, heard out until then
 
     def prepare(self) -> None:
         others = tuple(s for s in self.step_def.satellites if s != self.satellite)
@@ -1072,14 +1178,18 @@ class QueueRouter(Router):
         )
         for socket in self.peers.sockets:
             self.poller.register(socket, zmq.POLLIN)
+        self.peers.on_silence = self.peer_silent
 
     def read(self, ready: dict[Any, int]) -> None:
         super().read(ready)
         if self.work in ready:
             self.read_work()
         for fd, identity in list(self.by_pidfd.items()):
-            if fd in ready:
-                self.worker_died(identity)
+            if fd in ready and identity not in self.dying:
+                # it is gone, but what it sent before dying may still be on its way:
+                # hear it out for a moment before taking its tasks back
+                self.poller.unregister(fd)
+                self.dying[identity] = time.monotonic() + DEATH_GRACE
         if self.peers is not None:
             for socket in self.peers.sockets:
                 if socket in ready:
@@ -1171,8 +1281,7 @@ class QueueRouter(Router):
     def take_back(self, pending: Pending) -> None:
         """A peer had no room (or did not answer): the task waits here again."""
         assert self.peers is not None
-        self.peers.pending.pop(pending.key, None)
-        self.peers.by_parent.pop(pending.parent, None)
+        self.peers.remove(pending.key)
         item = self.items.get(pending.parent)
         if item is not None and item.state == "forwarding":
             item.state = "queued"
@@ -1208,18 +1317,15 @@ class QueueRouter(Router):
         self.queue.append(item.key)
         log.warning("%s: took back task %s from a silent peer", self.node, item.key[0])
 
-    def watch_peers(self, now: float) -> None:
-        """Propagations nobody answered come back; those a silent peer held are reclaimed."""
-        if self.peers is None:
-            return
-        for pending in list(self.peers.pending.values()):
-            if pending.tries and pending.due <= now:
-                if pending.instance is not None:
-                    pending.instance.down_until = now + DOWN_FOR
-                if pending.custody:
-                    self.reclaim(pending)
-                else:
-                    self.take_back(pending)
+    def peer_silent(self, pending: Pending) -> bool:
+        """A peer did not answer a propagation (take it back) or a custody check (reclaim)."""
+        if pending.instance is not None:
+            pending.instance.down_until = time.monotonic() + DOWN_FOR
+        if pending.custody:
+            self.reclaim(pending)
+        else:
+            self.take_back(pending)
+        return True
 
     def read_work(self) -> None:
         for _ in range(MAX_BATCH):
@@ -1262,11 +1368,29 @@ class QueueRouter(Router):
             self.by_pidfd[worker.pidfd] = identity
             self.poller.register(worker.pidfd, zmq.POLLIN)
             log.info("%s: worker %s (pid %d) joined", self.node, wid, pid)
-        if worker.held or worker.leaving:
-            return  # it is busy by our count; a heartbeat must not add credit twice
-        missing = max(0, min(free, 1024) - worker.credit)
-        worker.credit += missing
-        self.ready.extend([identity] * missing)
+        worker.capacity = max(1, min(free, 1024))
+
+    def depth(self) -> int:
+        """Tasks a worker may hold: enough to cover PREFETCH seconds of work, one if slow."""
+        durations = self.counters.durations
+        if len(durations) < 8:
+            return 1
+        typical = sorted(durations)[len(durations) // 2]
+        return max(1, min(PREFETCH_MAX, int(PREFETCH / max(typical, 1e-6))))
+
+    def start(self, worker: WorkerInfo, item: Item, now: float) -> None:
+        """The task reached the front of its worker: it runs now (START)."""
+        item.since = now
+        item.killed = False
+        self.journal.attempt(item.key, item.attempt)
+        self.event(
+            item.envelope,
+            Event.START,
+            attempt=item.attempt,
+            wid=worker.wid,
+            pid=worker.pid,
+            deadline=time.time() + self.step_def.timeout + KILL_GRACE,
+        )
 
     def result(self, identity: bytes, body: Any, extra: tuple[bytes, ...]) -> None:
         raw_key = field_of(body, "key", list, "result")
@@ -1287,19 +1411,24 @@ class QueueRouter(Router):
             # after a crash; its task went back to the queue when we replayed the journal
             self.counters.duplicates += 1
             return
-        worker.held.discard(key)
-        if not worker.leaving:
-            worker.credit += 1
-            self.ready.append(identity)
         item = self.items.get(key)
         if (
-            item is None
+            key not in worker.held
+            or item is None
             or item.state != "held"
             or item.attempt != attempt
-            or (item.worker != identity)
+            or item.worker != identity
         ):
+            worker.held.pop(key, None)
             self.counters.duplicates += 1  # a stale answer (the task went to another worker)
             return
+        now = time.monotonic()
+        if worker.running != key:  # answered out of turn: it ran, so it started
+            self.start(worker, item, now)
+        del worker.held[key]
+        following = worker.running
+        if following is not None and following in self.items:
+            self.start(worker, self.items[following], now)
         wid, pid = worker.wid, worker.pid
         item.worker = b""
         if status == "END":
@@ -1321,58 +1450,74 @@ class QueueRouter(Router):
         self.failed_attempt(item, error)
 
     def bye(self, identity: bytes) -> None:
+        """A worker leaves (scaled down, or stopped): what it had not started comes back."""
         worker = self.workers.get(identity)
         if worker is None:
             return
         worker.leaving = True
-        worker.credit = 0
-        self.ready = collections.deque(i for i in self.ready if i != identity)
+        self.hand_back(worker, keep_running=True)
+
+    def hand_back(self, worker: WorkerInfo, *, keep_running: bool) -> None:
+        """Tasks a worker held but had not started go back to the front of the queue."""
+        running = worker.running
+        for key in reversed(list(worker.held)):
+            if keep_running and key == running:
+                continue
+            item = self.items.get(key)
+            del worker.held[key]
+            if key == running or item is None or item.state != "held":
+                continue
+            item.state = "queued"
+            item.worker = b""
+            self.queue.appendleft(key)
 
     def worker_died(self, identity: bytes) -> None:
+        self.dying.pop(identity, None)
         worker = self.workers.pop(identity)
-        self.poller.unregister(worker.pidfd)
         del self.by_pidfd[worker.pidfd]
         os.close(worker.pidfd)
-        self.ready = collections.deque(i for i in self.ready if i != identity)
         if not worker.leaving:
             log.warning("%s: worker %s (pid %d) died", self.node, worker.wid, worker.pid)
-        now = time.monotonic()
-        for key in sorted(worker.held):
-            item = self.items.get(key)
-            if item is None or item.state != "held":
-                continue
-            item.worker = b""
-            elapsed = now - item.since
-            self.counters.errors += 1
-            if elapsed >= self.step_def.timeout:
-                error = f"ran past its timeout of {self.step_def.timeout:g}s; worker killed"
-                event = Event.TIMEOUT
-            else:
-                error = f"worker {worker.wid} (pid {worker.pid}) died during the task"
-                event = Event.ERROR
-            self.event(
-                item.envelope,
-                event,
-                attempt=item.attempt,
-                wid=worker.wid,
-                pid=worker.pid,
-                error=error,
-                elapsed=elapsed,
-            )
-            self.failed_attempt(item, error)
+        running = worker.running
+        self.hand_back(worker, keep_running=True)  # the ones it had not started never ran
+        item = self.items.get(running) if running is not None else None
+        worker.held.clear()
+        if item is None or item.state != "held":
+            return
+        item.worker = b""
+        elapsed = time.monotonic() - item.since
+        self.counters.errors += 1
+        if elapsed >= self.step_def.timeout:
+            error = f"ran past its timeout of {self.step_def.timeout:g}s; worker killed"
+            event = Event.TIMEOUT
+        else:
+            error = f"worker {worker.wid} (pid {worker.pid}) died during the task"
+            event = Event.ERROR
+        self.event(
+            item.envelope,
+            event,
+            attempt=item.attempt,
+            wid=worker.wid,
+            pid=worker.pid,
+            error=error,
+            elapsed=elapsed,
+        )
+        self.failed_attempt(item, error)
 
     def dispatch(self) -> None:
         if len(self.outbox.pending) >= self.step_def.max_queue:
             return  # downstream is full: hold on to what we have, push back upstream
-        while self.queue and self.ready:
-            identity = self.ready.popleft()
-            worker = self.workers.get(identity)
-            if worker is None or worker.leaving or worker.credit <= 0:
-                continue
+        depth = self.depth()
+        workers = [w for w in self.workers.values() if not w.leaving]
+        now = time.monotonic()
+        while self.queue and workers:
+            # round robin: the next worker with room, the least loaded first
+            worker = min(workers, key=lambda w: len(w.held))
+            if len(worker.held) >= min(depth, worker.capacity):
+                break
             key = self.queue.popleft()
             item = self.items.get(key)
             if item is None or item.state != "queued":
-                self.ready.appendleft(identity)
                 continue
             envelope = item.envelope
             if item.attempt != envelope.attempt:
@@ -1380,44 +1525,44 @@ class QueueRouter(Router):
                 item.envelope = envelope
                 item.frames = encode(envelope, item.payload)
             try:
-                self.work.send_multipart([identity, *item.frames], zmq.NOBLOCK)
+                self.work.send_multipart([worker.identity, *item.frames], zmq.NOBLOCK)
             except zmq.ZMQError:
                 self.queue.appendleft(key)  # it left meanwhile; its pidfd will tell
+                workers.remove(worker)
                 continue
-            worker.credit -= 1
-            worker.held.add(key)
+            worker.held[key] = None
             item.state = "held"
-            item.worker = identity
-            item.since = time.monotonic()
-            item.killed = False
-            self.journal.attempt(key, item.attempt)
-            self.event(
-                envelope,
-                Event.START,
-                attempt=item.attempt,
-                wid=worker.wid,
-                pid=worker.pid,
-                deadline=time.time() + self.step_def.timeout + KILL_GRACE,
-            )
-        self.propagate(time.monotonic())
+            item.worker = worker.identity
+            if worker.running == key:
+                self.start(worker, item, now)
+        self.propagate(now)
+
+    @property
+    def ready(self) -> list[WorkerInfo]:
+        """Workers that hold nothing (idle)."""
+        return [w for w in self.workers.values() if not w.held and not w.leaving]
 
     def tick(self, now: float) -> None:
-        self.watch_peers(now)
+        if self.dying and min(self.dying.values()) <= now:
+            self.read_work()  # the last words of the dead
+            for identity, due in list(self.dying.items()):
+                if due <= now:
+                    self.worker_died(identity)
         limit = self.step_def.timeout + KILL_GRACE
         for worker in self.workers.values():
-            for key in worker.held:
-                item = self.items.get(key)
-                if item is not None and not item.killed and now - item.since > limit:
-                    item.killed = True
-                    log.warning(
-                        "%s: worker %s (pid %d) is %.1fs past the timeout; killing it",
-                        self.node,
-                        worker.wid,
-                        worker.pid,
-                        now - item.since,
-                    )
-                    with contextlib.suppress(ProcessLookupError):  # gone: its pidfd tells
-                        os.kill(worker.pid, signal.SIGKILL)
+            key = worker.running
+            item = self.items.get(key) if key is not None else None
+            if item is not None and not item.killed and now - item.since > limit:
+                item.killed = True
+                log.warning(
+                    "%s: worker %s (pid %d) is %.1fs past the timeout; killing it",
+                    self.node,
+                    worker.wid,
+                    worker.pid,
+                    now - item.since,
+                )
+                with contextlib.suppress(ProcessLookupError):  # gone: its pidfd tells
+                    os.kill(worker.pid, signal.SIGKILL)
 
     def drained(self) -> bool:
         return super().drained() and not any(w.held for w in self.workers.values())

@@ -119,6 +119,7 @@ class Step:
     serialization: str = "msgpack"
     entry: bool = False  # clients submit to it (nothing else feeds it)
     max_queue: int = 10_000
+    prefetch: int = 64  # pools: tasks a worker may hold at once when they are short
     port: int = 0  # explicit tcp port on its satellites; 0 = allocated
     options: Mapping[str, Any] = field(default_factory=dict)  # handed to the function as is
     autoscale: Autoscale = field(default_factory=Autoscale)  # pools: when to add, remove workers
@@ -533,6 +534,7 @@ _STEP_FIELDS: Final = (
     "serialization",
     "entry",
     "max_queue",
+    "prefetch",
     "port",
     "options",
     "autoscale",
@@ -850,6 +852,7 @@ class _Loader:
             entry=self.get(table, "entry", bool, where, False),
             max_queue=self.count(table, "max_queue", where, defaults.max_queue, 1, 100_000_000),
             port=self.count(table, "port", where, 0, 0, 65535),
+            prefetch=self.count(table, "prefetch", where, 64, 1, 1024),
             options=self.get(table, "options", dict, where, {}),
             autoscale=self.autoscale(table, kind, where),
         )

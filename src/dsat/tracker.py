@@ -37,6 +37,7 @@ from dsat.message import (
     PROTOCOL,
     PROTOCOL_FRAME,
     EventRecord,
+    Outstanding,
     configure,
     control,
     decode_control,
@@ -115,6 +116,7 @@ class Tracker:
         self.live: dict[str, TaskMachine] = {}
         self.ended: collections.OrderedDict[str, TaskMachine] = collections.OrderedDict()
         self.closing: dict[str, float] = {}  # closed tasks waiting for missing events
+        self.absent: set[str] = set()  # tasks of the batch at hand the store does not have
         self.producers: dict[str, tuple[int, int]] = store.producers()
         self.loads: dict[str, collections.deque[dict[str, Any]]] = {}
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=DECISIONS_KEPT)
@@ -189,9 +191,10 @@ class Tracker:
             if first > last + 1:
                 confirms[(peer, producer)] = (epoch, last, True)  # a gap: ask for the rest again
                 continue
-            for offset, record in enumerate(records):
-                if first + offset > last:
-                    published.extend(self._apply(record, batch))
+            fresh = records[max(0, last + 1 - first) :]
+            self._prefetch(fresh)
+            for record in fresh:
+                published.extend(self._apply(record, batch))
             last = max(last, first + len(records) - 1)
             self.producers[producer] = (epoch, last)
             batch.producers[producer] = (epoch, last)
@@ -316,11 +319,26 @@ class Tracker:
             self.ended.pop(task_id, None)
             self.live[task_id] = machine
 
+    def _prefetch(self, records: list[EventRecord]) -> None:
+        """Learn in one query which tasks of these events the store does not have."""
+        unknown = {
+            r.task_id
+            for r in records
+            if r.task_id not in self.live
+            and r.task_id not in self.ended
+            and r.origin not in self.relays
+        }
+        if unknown:
+            self.absent = unknown - self.store.known(unknown)
+
     def _machine_for(self, record: EventRecord) -> TaskMachine:
         """A machine for a task not live: one that ended (cached or rebuilt), or a new one."""
         machine = self.ended.get(record.task_id)
         if machine is not None:
             return machine
+        if record.task_id in self.absent:
+            self.absent.discard(record.task_id)  # from now on, it is live
+            return TaskMachine(record.task_id, record.job_id, record.origin)
         row = self.store.task(record.task_id)
         if row is not None:
             return self._machine_from_store(row)
@@ -669,11 +687,9 @@ class Relay:
         self.producer = f"{tracker.satellite}/{TRACKER}"
         epoch, self.next_eseq = store.relay_marks().get(dest, (0, 1))
         self.epoch = epoch or secrets.randbelow(2**31) + 1
-        self.unconfirmed: collections.deque[tuple[int, bytes]] = collections.deque(
-            store.relay_pending().get(dest, [])
+        self.outstanding: Outstanding[bytes] = Outstanding(
+            store.relay_pending().get(dest, []), timeout=RELAY_CONFIRM_TIMEOUT
         )
-        self.sent_upto = 0
-        self.sent_at = 0.0
         self.last_beat = 0.0
         topology = tracker.topology
         plan = get_connection(topology, TRACKER, satellite=dest)
@@ -696,7 +712,7 @@ class Relay:
         """Keep an event for the other tracker (written in this cycle's transaction)."""
         packed = msgpack.packb(record.as_list(), use_bin_type=True)
         batch.relay.append((self.dest, self.next_eseq, packed))
-        self.unconfirmed.append((self.next_eseq, packed))
+        self.outstanding.extend([(self.next_eseq, packed)])
         self.next_eseq += 1
         batch.relay_marks[self.dest] = (self.epoch, self.next_eseq)
 
@@ -707,15 +723,11 @@ class Relay:
                 "node": TRACKER,
                 "satellite": self.tracker.satellite,
                 "role": "tracker",
-                "relayed": len(self.unconfirmed),
+                "relayed": len(self.outstanding),
             }
             with contextlib.suppress(zmq.Again):
                 self.socket.send_multipart(control("load", beat), zmq.NOBLOCK)
-        if not self.unconfirmed:
-            return
-        if now - self.sent_at > RELAY_CONFIRM_TIMEOUT and self.sent_upto:
-            self.sent_upto = 0  # no confirmation: the other side may have restarted
-        batch = [(e, r) for e, r in self.unconfirmed if e > self.sent_upto][:2000]
+        batch = self.outstanding.batch(now, 2000)
         if not batch:
             return
         meta = {"producer": self.producer, "epoch": self.epoch, "first": batch[0][0]}
@@ -725,9 +737,9 @@ class Relay:
         try:
             self.socket.send_multipart(control("events", meta, records), zmq.NOBLOCK)
         except zmq.Again:
+            self.outstanding.unsend(batch)
             return
-        self.sent_upto = batch[-1][0]
-        self.sent_at = now
+        self.outstanding.sent(now)
 
     def read(self, batch: Batch) -> None:
         """Confirmations from the other tracker: forget what it has stored."""
@@ -745,9 +757,6 @@ class Relay:
                 continue
             if epoch != self.epoch:
                 continue
-            if message.body.get("gap"):
-                self.sent_upto = min(self.sent_upto, upto)
-            while self.unconfirmed and self.unconfirmed[0][0] <= upto:
-                self.unconfirmed.popleft()
-            batch.relay_confirmed[self.dest] = upto
-            self.sent_at = time.monotonic()
+            gap = bool(message.body.get("gap"))
+            if self.outstanding.confirmed(upto, time.monotonic(), gap=gap):
+                batch.relay_confirmed[self.dest] = upto

@@ -231,13 +231,13 @@ class Worker:
         satellite: str,
         wid: str,
         context: zmq.Context[zmq.Socket[bytes]],
-        capacity: int = 1,
+        capacity: int | None = None,
     ) -> None:
         self.topology = topology
         self.step = topology.steps[step_name]
         self.satellite = satellite
         self.wid = wid
-        self.capacity = capacity
+        self.capacity = capacity or topology.steps[step_name].prefetch
         self.func = function_of(topology, self.step)
         self.conditions = conditions_of(topology, step_name)
         self.stopping = False

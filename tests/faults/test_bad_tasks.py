@@ -181,4 +181,8 @@ def test_a_poison_task_that_kills_its_worker_fails_after_its_retries_and_the_poo
     }
     assert wrong == {}
     assert [outcome.states[t] for t in after] == ["HAPPY_END"] * len(after)
-    assert sum(outcome.extra_starts(t) for t in normal) == 0, "no other task ran twice"
+    # A worker that dies the instant after sending a result may take that message with
+    # it (ZeroMQ had not flushed it yet): that task runs again (at least once). So, as
+    # for killed workers: at most one other task ran twice per worker the poison killed.
+    others_again = sum(outcome.extra_starts(t) for t in normal)
+    assert others_again <= figures.kills, f"{others_again} other tasks ran twice"

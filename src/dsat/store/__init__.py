@@ -130,6 +130,9 @@ class Store(Protocol):
 
     def task(self, task_id: str) -> TaskRow | None: ...
 
+    def known(self, task_ids: set[str]) -> set[str]:
+        """Which of these tasks the store has (one query, not one per task)."""
+
     def events(self, task_id: str, after: int = 0) -> list[EventRow]:
         """A task's events with ``tseq > after``, in tseq order."""
 

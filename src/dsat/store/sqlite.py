@@ -257,6 +257,17 @@ class SqliteStore:
             ).fetchone()
         return TaskRow(*row) if row else None
 
+    def known(self, task_ids: set[str]) -> set[str]:
+        found: set[str] = set()
+        ids = list(task_ids)
+        with self._reading("task ids") as db:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                marks = ", ".join("?" * len(chunk))
+                rows = db.execute(f"SELECT task_id FROM tasks WHERE task_id IN ({marks})", chunk)
+                found.update(row[0] for row in rows)
+        return found
+
     def events(self, task_id: str, after: int = 0) -> list[EventRow]:
         with self._reading(f"events of {task_id}") as db:
             rows = db.execute(
