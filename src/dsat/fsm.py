@@ -214,7 +214,6 @@ class TaskMachine:
     def apply(
         self,
         event: Event,
-        *,
         branch: int,
         seq: int,
         attempt: int,

@@ -122,7 +122,7 @@ class Journal:
         self,
         epoch: int,
         tasks: Iterable[tuple[Key, Entry]],
-        events: Iterable[tuple[int, EventRecord]],
+        events: Iterable[tuple[int, EventRecord | list[Any]]],
         confirmed: int,
     ) -> None:
         """Replace the file atomically by a compact one (live tasks and pending events only)."""
@@ -174,9 +174,18 @@ class Journal:
     def done(self, key: Key) -> None:
         self._append(["done", list(key)])
 
-    def events(self, numbered: Sequence[tuple[int, EventRecord]]) -> None:
+    def events(self, numbered: Sequence[tuple[int, EventRecord | list[Any]]]) -> None:
+        """Events to report, numbered (records, or rows in RECORD_FIELDS order)."""
         if numbered:
-            self._append(["events", [[eseq, *record.as_list()] for eseq, record in numbered]])
+            self._append(
+                [
+                    "events",
+                    [
+                        [eseq, *(r.as_list() if isinstance(r, EventRecord) else r)]
+                        for eseq, r in numbered
+                    ],
+                ]
+            )
 
     def confirm(self, eseq: int) -> None:
         self._append(["confirmed", eseq])

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
+import msgpack
 import zmq
 
 from dsat import curve
@@ -47,7 +48,6 @@ from dsat.fsm import Event
 from dsat.journal import Entry, Forward, Journal, Key
 from dsat.message import (
     Envelope,
-    EventRecord,
     Outstanding,
     configure,
     control,
@@ -57,7 +57,6 @@ from dsat.message import (
     encode,
     field_of,
     loads,
-    pack_records,
 )
 from dsat.topology import Kind, Step, Topology, get_connection, inbox_address
 from dsat.worker import Attempt, Task, conditions_of, function_of, run_attempt
@@ -111,18 +110,19 @@ class Reporter:
         producer: str,
         epoch: int,
         next_eseq: int,
-        pending: list[tuple[int, EventRecord]],
+        pending: list[tuple[int, list[Any]]],
     ) -> None:
         self.socket = socket
         self.journal = journal
         self.producer = producer
         self.epoch = epoch
         self.next_eseq = next_eseq
-        self.outstanding: Outstanding[EventRecord] = Outstanding(pending, timeout=CONFIRM_TIMEOUT)
-        self.fresh: list[tuple[int, EventRecord]] = []
+        self.outstanding: Outstanding[list[Any]] = Outstanding(pending, timeout=CONFIRM_TIMEOUT)
+        self.fresh: list[tuple[int, list[Any]]] = []
 
-    def add(self, record: EventRecord) -> None:
-        self.fresh.append((self.next_eseq, record))
+    def add(self, row: list[Any]) -> None:
+        """An event row (RECORD_FIELDS order), numbered here."""
+        self.fresh.append((self.next_eseq, row))
         self.next_eseq += 1
 
     def journal_fresh(self) -> None:
@@ -140,7 +140,7 @@ class Reporter:
         meta = {"producer": self.producer, "epoch": self.epoch, "first": batch[0][0]}
         try:
             self.socket.send_multipart(
-                control("events", meta, pack_records([r for _, r in batch])), zmq.NOBLOCK
+                control("events", meta, msgpack.packb([r for _, r in batch])), zmq.NOBLOCK
             )
         except zmq.Again:
             self.outstanding.unsend(batch)  # the tracker is not keeping up: next cycle
@@ -152,7 +152,7 @@ class Reporter:
             self.journal.confirm(upto)
 
     @property
-    def unconfirmed(self) -> collections.deque[tuple[int, EventRecord]]:
+    def unconfirmed(self) -> collections.deque[tuple[int, list[Any]]]:
         return self.outstanding.unconfirmed
 
     @property
@@ -528,7 +528,12 @@ class FixedPoint:
             events.connect(address)
         self.events_socket = events
         self.reporter = Reporter(
-            events, self.journal, f"{satellite}/{node}", epoch, replay.next_eseq, replay.events
+            events,
+            self.journal,
+            f"{satellite}/{node}",
+            epoch,
+            replay.next_eseq,
+            [(eseq, record.as_list()) for eseq, record in replay.events],
         )
         self.poller.register(events, zmq.POLLIN)
         targets = {
@@ -563,22 +568,23 @@ class FixedPoint:
         pid: int = 0,
         **detail: Any,
     ) -> None:
+        # a row in RECORD_FIELDS order (see dsat.message), built once, packed as it is
         self.reporter.add(
-            EventRecord(
-                task_id=envelope.task_id,
-                job_id=envelope.job_id,
-                branch=envelope.branch if branch is None else branch,
-                seq=envelope.seq if seq is None else seq,
-                attempt=envelope.attempt if attempt is None else attempt,
-                event=event,
-                step=self.step_name,
-                where=self.satellite,
-                origin=envelope.origin,
-                wid=wid or self.wid,
-                pid=pid or self.pid,
-                at=time.time(),
-                detail=detail,
-            )
+            [
+                envelope.task_id,
+                envelope.job_id,
+                envelope.branch if branch is None else branch,
+                envelope.seq if seq is None else seq,
+                envelope.attempt if attempt is None else attempt,
+                event.value,
+                self.step_name,
+                self.satellite,
+                envelope.origin,
+                wid or self.wid,
+                pid or self.pid,
+                time.time(),
+                detail,
+            ]
         )
 
     @property

@@ -23,7 +23,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import fields
 from typing import Any, Final
 
 import msgpack
@@ -34,15 +34,27 @@ from dsat.curve import Guard
 from dsat.errors import MessageError
 from dsat.fsm import Event, TaskMachine
 from dsat.message import (
+    AT,
+    ATTEMPT,
+    BRANCH,
+    DETAIL,
+    EVENT,
+    JOB_ID,
+    ORIGIN,
+    PID,
     PROTOCOL,
     PROTOCOL_FRAME,
-    EventRecord,
+    SEQ,
+    STEP,
+    TASK_ID,
+    WHERE,
+    WID,
     Outstanding,
     configure,
     control,
     decode_control,
     field_of,
-    unpack_records,
+    unpack_rows,
 )
 from dsat.store import Batch, DeadLetter, EventRow, ResultRow, Store, StoreError, TaskRow
 from dsat.topology import TRACKER, Topology, get_connection
@@ -99,9 +111,10 @@ class Tracker:
 
         self.events = bound(zmq.ROUTER, "events", 100_000)
         self.query = bound(zmq.ROUTER, "query", 10_000)
-        self.pubs = bound(zmq.PUB, "pub", 100_000)
+        # XPUB: it tells us what is subscribed, so events nobody follows are not sent
+        self.pubs = bound(zmq.XPUB, "pub", 100_000)
         self.poller = zmq.Poller()
-        for socket in (*self.events, *self.query):
+        for socket in (*self.events, *self.query, *self.pubs):
             self.poller.register(socket, zmq.POLLIN)
         for monitor in guard.monitors if guard else ():
             self.poller.register(monitor, zmq.POLLIN)
@@ -117,6 +130,9 @@ class Tracker:
         self.ended: collections.OrderedDict[str, TaskMachine] = collections.OrderedDict()
         self.closing: dict[str, float] = {}  # closed tasks waiting for missing events
         self.absent: set[str] = set()  # tasks of the batch at hand the store does not have
+        self.touched: dict[str, TaskMachine] = {}  # tasks this cycle changed: one row each
+        self.watched: set[str] = set()  # task ids someone follows live (XPUB subscriptions)
+        self.watch_all = False
         self.producers: dict[str, tuple[int, int]] = store.producers()
         self.loads: dict[str, collections.deque[dict[str, Any]]] = {}
         self.decisions: collections.deque[dict[str, Any]] = collections.deque(maxlen=DECISIONS_KEPT)
@@ -181,7 +197,7 @@ class Tracker:
                 first = field_of(message.body, "first", int, "events")
                 if len(message.extra) != 1:
                     raise MessageError("events: need one frame of records")
-                records = unpack_records(message.extra[0])
+                records = unpack_rows(message.extra[0])
             except MessageError as exc:
                 self._malformed("events", exc)
                 continue
@@ -205,105 +221,118 @@ class Tracker:
         ]
         return replies, published
 
-    def _apply(self, record: EventRecord, batch: Batch) -> list[list[bytes]]:
-        relay = self.relays.get(record.origin)
+    def _apply(self, row: list[Any], batch: Batch) -> list[list[bytes]]:
+        """Apply one event row (see dsat.message.unpack_rows); the hot path of the tracker."""
+        task_id = row[TASK_ID]
+        relay = self.relays.get(row[ORIGIN])
         if relay is not None:
             # a task submitted on another satellite: its tracker keeps its history
-            relay.add(record, batch)
+            relay.add(row, batch)
             return []
-        machine = self.live.get(record.task_id)
+        machine = self.live.get(task_id)
         if machine is None:
-            machine = self._machine_for(record)
-        was_over = machine.over
-        detail = record.detail
-        outcome = machine.apply(
-            record.event,
-            branch=record.branch,
-            seq=record.seq,
-            attempt=record.attempt,
-            step=record.step,
-            at=record.at,
-            children=detail.get("children"),
-            parent=detail.get("parent", 0),
-            error=detail.get("error", ""),
-            deadline=float(detail.get("deadline", 0.0)),
-            where=record.where,
-        )
+            machine = self._machine_for(row)
+        was_over = machine.ended
+        event = row[EVENT]
+        detail = row[DETAIL]
+        if detail:
+            outcome = machine.apply(
+                event,
+                row[BRANCH],
+                row[SEQ],
+                row[ATTEMPT],
+                row[STEP],
+                row[AT],
+                detail.get("children"),
+                detail.get("parent", 0),
+                detail.get("error", ""),
+                float(detail.get("deadline", 0.0)),
+                row[WHERE],
+            )
+        else:
+            outcome = machine.apply(
+                event, row[BRANCH], row[SEQ], row[ATTEMPT], row[STEP], row[AT], where=row[WHERE]
+            )
         flag = outcome.flag
-        if was_over and machine.over and not flag and record.event is not Event.RETRY:
+        if was_over and machine.ended and not flag and event is not Event.RETRY:
             flag = "anomaly: after the task ended"
             machine.anomalies += 1
             self.anomalies += 1
         self.applied += 1
-        stored = {k: v for k, v in detail.items() if k not in ("result", "payload")}
+        stored = detail
+        if "result" in detail or "payload" in detail:
+            stored = {k: v for k, v in detail.items() if k not in ("result", "payload")}
+        packed = msgpack.packb(stored, use_bin_type=True) if stored else None
         batch.events.append(
-            EventRow(
-                record.task_id,
+            (
+                task_id,
                 outcome.tseq,
-                record.branch,
-                record.seq,
-                record.attempt,
-                str(record.event),
-                record.step,
-                record.where,
-                record.wid,
-                record.pid,
-                record.at,
-                stored,
+                row[BRANCH],
+                row[SEQ],
+                row[ATTEMPT],
+                event.value,
+                row[STEP],
+                row[WHERE],
+                row[WID],
+                row[PID],
+                row[AT],
+                packed,
                 flag,
             )
         )
-        if not flag:
-            if record.event is Event.HAPPY_END and "result" in detail:
+        if not flag and detail:
+            if event is Event.HAPPY_END and "result" in detail:
                 batch.results.append(
                     ResultRow(
-                        record.task_id,
-                        record.branch,
-                        record.step,
+                        task_id,
+                        row[BRANCH],
+                        row[STEP],
                         detail.get("serialization", "msgpack"),
                         detail["result"],
                     )
                 )
-            elif record.event is Event.FAILURE and "payload" in detail:
+            elif event is Event.FAILURE and "payload" in detail:
                 batch.dead_letters.append(
                     DeadLetter(
-                        record.task_id,
-                        record.job_id,
-                        record.origin,
-                        record.step,
-                        record.branch,
-                        record.seq,
-                        record.attempt,
+                        task_id,
+                        row[JOB_ID],
+                        row[ORIGIN],
+                        row[STEP],
+                        row[BRANCH],
+                        row[SEQ],
+                        row[ATTEMPT],
                         detail.get("serialization", "msgpack"),
                         detail["payload"],
                         detail.get("error", ""),
-                        record.at,
+                        row[AT],
                     )
                 )
-            elif record.event is Event.RETRY:
-                batch.retried.append(record.task_id)
-        if machine.closed and not machine.over:
-            self.closing.setdefault(record.task_id, time.monotonic())
-        batch.tasks[record.task_id] = self._row(machine)
+        if event is Event.RETRY and not flag:
+            batch.retried.append(task_id)
+        if machine.ended is False and machine.closed:
+            self.closing.setdefault(task_id, time.monotonic())
+        self.touched[task_id] = machine
         self._file(machine)
+        if task_id not in self.watched and not self.watch_all:
+            return []  # nobody follows it live: do not even encode it
         live = {
-            "task_id": record.task_id,
+            "task_id": task_id,
             "tseq": outcome.tseq,
-            "branch": record.branch,
-            "seq": record.seq,
-            "attempt": record.attempt,
-            "event": str(record.event),
-            "step": record.step,
-            "where": record.where,
-            "wid": record.wid,
-            "pid": record.pid,
-            "at": record.at,
+            "branch": row[BRANCH],
+            "seq": row[SEQ],
+            "attempt": row[ATTEMPT],
+            "event": event.value,
+            "step": row[STEP],
+            "where": row[WHERE],
+            "wid": row[WID],
+            "pid": row[PID],
+            "at": row[AT],
             "detail": stored,
             "flag": flag,
             "state": str(machine.state),
-            "over": machine.over,
+            "over": machine.ended,
         }
-        return [[record.task_id.encode(), PROTOCOL_FRAME, msgpack.packb(live, use_bin_type=True)]]
+        return [[task_id.encode(), PROTOCOL_FRAME, msgpack.packb(live, use_bin_type=True)]]
 
     def _file(self, machine: TaskMachine) -> None:
         """Keep a live task live, move an ended one to the (bounded) cache of ended tasks."""
@@ -319,30 +348,30 @@ class Tracker:
             self.ended.pop(task_id, None)
             self.live[task_id] = machine
 
-    def _prefetch(self, records: list[EventRecord]) -> None:
+    def _prefetch(self, rows: list[list[Any]]) -> None:
         """Learn in one query which tasks of these events the store does not have."""
+        live, ended, relays = self.live, self.ended, self.relays
         unknown = {
-            r.task_id
-            for r in records
-            if r.task_id not in self.live
-            and r.task_id not in self.ended
-            and r.origin not in self.relays
+            row[TASK_ID]
+            for row in rows
+            if row[TASK_ID] not in live and row[TASK_ID] not in ended and row[ORIGIN] not in relays
         }
         if unknown:
             self.absent = unknown - self.store.known(unknown)
 
-    def _machine_for(self, record: EventRecord) -> TaskMachine:
+    def _machine_for(self, row: list[Any]) -> TaskMachine:
         """A machine for a task not live: one that ended (cached or rebuilt), or a new one."""
-        machine = self.ended.get(record.task_id)
+        task_id = row[TASK_ID]
+        machine = self.ended.get(task_id)
         if machine is not None:
             return machine
-        if record.task_id in self.absent:
-            self.absent.discard(record.task_id)  # from now on, it is live
-            return TaskMachine(record.task_id, record.job_id, record.origin)
-        row = self.store.task(record.task_id)
-        if row is not None:
-            return self._machine_from_store(row)
-        return TaskMachine(record.task_id, record.job_id, record.origin)
+        if task_id in self.absent:
+            self.absent.discard(task_id)  # from now on, it is live
+            return TaskMachine(task_id, row[JOB_ID], row[ORIGIN])
+        stored = self.store.task(task_id)
+        if stored is not None:
+            return self._machine_from_store(stored)
+        return TaskMachine(task_id, row[JOB_ID], row[ORIGIN])
 
     def end_overdue(self, batch: Batch) -> None:
         """End tasks that closed but still miss events after END_GRACE; flag what is missing."""
@@ -362,7 +391,7 @@ class Tracker:
                 task_id,
                 machine.anomalies,
             )
-            batch.tasks[task_id] = self._row(machine)
+            self.touched[task_id] = machine
             self._file(machine)  # readers of the live stream see it end in the store
 
     def _row(self, machine: TaskMachine) -> TaskRow:
@@ -505,7 +534,7 @@ class Tracker:
             after = body.get("after", 0)
             if type(after) is not int or not 0 <= after <= _MAX_INT:
                 raise MessageError("query events: after must be an integer in 0..2**63-1")
-            return [_event_dict(e) for e in self.store.events(task_id, after)]
+            return [_as_dict(e) for e in self.store.events(task_id, after)]
         if op == "tasks":
             return self._tasks(body)
         if op == "load":
@@ -514,7 +543,7 @@ class Tracker:
             return self.pools_view()
         if op == "dead_letter":
             letter = self.store.dead_letter(field_of(body, "task_id", str, "query"))
-            return asdict(letter) if letter else None
+            return _as_dict(letter) if letter else None
         if op == "stats":
             return {
                 "live": len(self.live),
@@ -529,12 +558,12 @@ class Tracker:
         row = self.store.task(task_id)
         if row is None:
             return None
-        task = asdict(row)
+        task = _as_dict(row)
         task["unknown"] = self.is_unknown(row, time.time())
         return {
             "task": task,
-            "events": [_event_dict(e) for e in self.store.events(task_id)],
-            "results": [asdict(r) for r in self.store.results(task_id)],
+            "events": [_as_dict(e) for e in self.store.events(task_id)],
+            "results": [_as_dict(r) for r in self.store.results(task_id)],
         }
 
     def _tasks(self, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -556,7 +585,7 @@ class Tracker:
             rows = self.store.tasks(limit=limit, **filters)
         found = []
         for row in rows:
-            task = asdict(row)
+            task = _as_dict(row)
             task["unknown"] = self.is_unknown(row, now)
             found.append(task)
         return found
@@ -580,6 +609,9 @@ class Tracker:
                         relay.read(batch)
                 if self.closing:
                     self.end_overdue(batch)
+                if self.touched:
+                    batch.tasks = {t: self._row(m) for t, m in self.touched.items()}
+                    self.touched = {}
                 if batch:
                     self.store.write(batch)  # then, only then, confirm and publish
                 for socket, frames in replies:
@@ -592,6 +624,9 @@ class Tracker:
                 for socket in self.query:
                     if socket in ready:
                         self.answer_queries(socket)
+                for socket in self.pubs:
+                    if socket in ready:
+                        self.read_subscriptions(socket)
                 if self.guard is not None:
                     for monitor in self.guard.monitors:
                         if monitor in ready:
@@ -602,6 +637,23 @@ class Tracker:
                     return
         finally:
             self.close()
+
+    def read_subscriptions(self, socket: zmq.Socket[bytes]) -> None:
+        """Subscriptions to task ids (and ``@pools``...) from clients following tasks live."""
+        for _ in range(10_000):
+            try:
+                message = socket.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not message or message[0] not in (0, 1):
+                continue
+            topic = message[1:].decode(errors="replace")
+            if topic == "":
+                self.watch_all = message[0] == 1
+            elif message[0] == 1:
+                self.watched.add(topic)
+            else:
+                self.watched.discard(topic)
 
     def publish(self, frames: list[bytes]) -> None:
         for socket in self.pubs:
@@ -653,8 +705,19 @@ class Tracker:
         return history[-1]["received"] if history else None
 
 
-def _event_dict(event: EventRow) -> dict[str, Any]:
-    return asdict(event)
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(kind: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(kind)
+    if names is None:
+        names = _FIELD_NAMES[kind] = tuple(f.name for f in fields(kind))
+    return names
+
+
+def _as_dict(row: Any) -> dict[str, Any]:
+    """A store row as a dict for a reply: shallow (``dataclasses.asdict`` deep-copies, slowly)."""
+    return {name: getattr(row, name) for name in _field_names(type(row))}
 
 
 def _apply_row(machine: TaskMachine, row: EventRow) -> None:
@@ -708,9 +771,11 @@ class Relay:
             setup=setup,
         )
 
-    def add(self, record: EventRecord, batch: Batch) -> None:
+    def add(self, row: list[Any], batch: Batch) -> None:
         """Keep an event for the other tracker (written in this cycle's transaction)."""
-        packed = msgpack.packb(record.as_list(), use_bin_type=True)
+        packed = msgpack.packb(
+            [*row[:EVENT], row[EVENT].value, *row[EVENT + 1 :]], use_bin_type=True
+        )
         batch.relay.append((self.dest, self.next_eseq, packed))
         self.outstanding.extend([(self.next_eseq, packed)])
         self.next_eseq += 1

@@ -89,7 +89,9 @@ class DeadLetter:
 class Batch:
     """Everything one tracker cycle writes, in one transaction."""
 
-    events: list[EventRow] = field(default_factory=list)
+    # EventRows, or already the SQL parameters (the tracker's fast path): task_id, tseq,
+    # branch, seq, attempt, event, step, where, wid, pid, at, packed detail or None, flag
+    events: list[EventRow | tuple[Any, ...]] = field(default_factory=list)
     tasks: dict[str, TaskRow] = field(default_factory=dict)  # upserts, last one wins
     results: list[ResultRow] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)

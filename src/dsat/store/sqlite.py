@@ -157,7 +157,7 @@ class SqliteStore:
             return
         try:
             # every value encoded before the transaction begins: a bad one fails alone
-            events = [_event_params(e) for e in batch.events]
+            events = [e if isinstance(e, tuple) else _event_params(e) for e in batch.events]
             tasks = [_task_params(t) for t in batch.tasks.values()]
         except (TypeError, ValueError, OverflowError) as exc:
             raise StoreError(
