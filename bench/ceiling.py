@@ -20,49 +20,18 @@ import multiprocessing
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
 import zmq
 
 from bench import stages
-from bench.figures import percentile
-from bench.workload import Tally, is_right, payload
+from bench.workload import LatencyRun, Run, Tally, one_at_a_time, payload
 
 PING: Final = b"!ping"  # goes through the chain untouched: every process is up
 STOP: Final = b"!stop"  # goes through the chain, each process stops after passing it on
 STAGES: Final = {"s1": stages.s1, "s2": stages.s2, "s3": stages.s3}
 RECEIVE_TIMEOUT: Final = 60.0  # no process of the chain may wait longer than this
-
-
-@dataclass
-class ChainRun:
-    """What one run of the chain measured."""
-
-    tasks: int
-    seconds: float
-    mismatches: int
-
-    @property
-    def per_second(self) -> float:
-        return self.tasks / self.seconds
-
-
-@dataclass
-class LatencyRun:
-    """Round trips of one message at a time, in seconds."""
-
-    samples: list[float]
-    mismatches: int
-
-    @property
-    def p50(self) -> float:
-        return percentile(self.samples, 0.50)
-
-    @property
-    def p99(self) -> float:
-        return percentile(self.samples, 0.99)
 
 
 def _socket(context: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
@@ -170,7 +139,7 @@ class Chain:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def throughput(count: int) -> ChainRun:
+def throughput(count: int) -> Run:
     """Send ``count`` tasks through the chain as fast as it takes them."""
     chain = Chain(count, echo=False)
     try:
@@ -179,7 +148,7 @@ def throughput(count: int) -> ChainRun:
         for item in text_payloads:
             chain.push.send(msgpack.packb(item))
         report = msgpack.unpackb(chain.back.recv())
-        return ChainRun(count, report["last"] - first, report["mismatches"])
+        return Run(count, report["last"] - first, report["mismatches"])
     finally:
         chain.close()
 
@@ -188,15 +157,11 @@ def latency(count: int) -> LatencyRun:
     """One task at a time, source to sink and back: the round trip of each."""
     chain = Chain(count, echo=True)
     try:
-        samples: list[float] = []
-        mismatches = 0
-        for i in range(count):
-            started = time.perf_counter()
+
+        def round_trip(i: int) -> Any:
             chain.push.send(msgpack.packb(payload(i)))
-            frame = chain.back.recv()
-            samples.append(time.perf_counter() - started)
-            if not is_right(i, msgpack.unpackb(frame)):
-                mismatches += 1
-        return LatencyRun(samples, mismatches)
+            return msgpack.unpackb(chain.back.recv())
+
+        return one_at_a_time(count, round_trip)
     finally:
         chain.close()

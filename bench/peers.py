@@ -24,15 +24,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Final
 
 import psutil
 
-from bench.figures import percentile
-from bench.workload import is_right, payload
+from bench.workload import LatencyRun, Run, is_right, one_at_a_time, payload
 
 ROOT: Final = Path(__file__).resolve().parent.parent  # bench's parent: the worker imports bench
 START_TIMEOUT: Final = 60.0
@@ -251,18 +249,7 @@ class CeleryPeer:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-@dataclass
-class CeleryRun:
-    tasks: int
-    seconds: float
-    mismatches: int
-
-    @property
-    def per_second(self) -> float:
-        return self.tasks / self.seconds
-
-
-def throughput(peer: CeleryPeer, count: int) -> CeleryRun:
+def throughput(peer: CeleryPeer, count: int) -> Run:
     """Submit ``count`` chains, then fetch every result."""
     first = time.monotonic()
     results = [peer.chain(payload(i)) for i in range(count)]
@@ -271,31 +258,9 @@ def throughput(peer: CeleryPeer, count: int) -> CeleryRun:
     mismatches = sum(not is_right(i, value) for i, value in enumerate(values))
     for result in results:
         result.forget()
-    return CeleryRun(count, seconds, mismatches)
-
-
-@dataclass
-class LatencyRun:
-    samples: list[float]
-    mismatches: int
-
-    @property
-    def p50(self) -> float:
-        return percentile(self.samples, 0.50)
-
-    @property
-    def p99(self) -> float:
-        return percentile(self.samples, 0.99)
+    return Run(count, seconds, mismatches)
 
 
 def latency(peer: CeleryPeer, count: int) -> LatencyRun:
     """One chain in flight at a time: submit, get its result."""
-    samples: list[float] = []
-    mismatches = 0
-    for i in range(count):
-        started = time.perf_counter()
-        value = peer.chain(payload(i)).get(timeout=30)
-        samples.append(time.perf_counter() - started)
-        if not is_right(i, value):
-            mismatches += 1
-    return LatencyRun(samples, mismatches)
+    return one_at_a_time(count, lambda i: peer.chain(payload(i)).get(timeout=30))

@@ -16,14 +16,13 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Any, Final
 
 import msgpack
 
 import dsat
-from bench.figures import percentile
 from bench.satellite import ENTRY, Satellite, rss
-from bench.workload import is_right, payload
+from bench.workload import LatencyRun, Run, is_right, one_at_a_time, payload
 
 CHUNK: Final = 1000  # tasks per submit_many call
 POLL: Final = 0.2  # seconds between two looks at the tracker's counts
@@ -103,19 +102,7 @@ def check(satellite: Satellite, batch: Batch) -> Checked:
     return Checked(seen, mismatches, anomalies, last_end)
 
 
-@dataclass
-class ThroughputRun:
-    tasks: int
-    seconds: float
-    mismatches: int
-    anomalies: int
-
-    @property
-    def per_second(self) -> float:
-        return self.tasks / self.seconds
-
-
-def throughput(satellite: Satellite, count: int, *, job_id: str = "throughput") -> ThroughputRun:
+def throughput(satellite: Satellite, count: int, *, job_id: str = "throughput") -> Run:
     """``count`` tasks through a freshly started satellite."""
     with satellite.client() as client:
         before = _ended(client)
@@ -123,36 +110,17 @@ def throughput(satellite: Satellite, count: int, *, job_id: str = "throughput") 
         wait_ended(client, before + count, timeout=max(120.0, count / 50))
     checked = check(satellite, batch)
     seconds = checked.last_end - batch.first_submit
-    return ThroughputRun(count, seconds, checked.mismatches, checked.anomalies)
-
-
-@dataclass
-class LatencyRun:
-    samples: list[float]
-    mismatches: int
-
-    @property
-    def p50(self) -> float:
-        return percentile(self.samples, 0.50)
-
-    @property
-    def p99(self) -> float:
-        return percentile(self.samples, 0.99)
+    return Run(count, seconds, checked.mismatches, checked.anomalies)
 
 
 def latency(satellite: Satellite, count: int) -> LatencyRun:
     """One task in flight: submit, wait for its result, ``count`` times."""
-    samples: list[float] = []
-    mismatches = 0
     with satellite.client() as client:
-        for i in range(count):
-            started = time.perf_counter()
-            task_id = client.submit(ENTRY, payload(i), job_id="latency")
-            result = client.wait(task_id, timeout=30)
-            samples.append(time.perf_counter() - started)
-            if not is_right(i, result):
-                mismatches += 1
-    return LatencyRun(samples, mismatches)
+
+        def round_trip(i: int) -> Any:
+            return client.wait(client.submit(ENTRY, payload(i), job_id="latency"), timeout=30)
+
+        return one_at_a_time(count, round_trip)
 
 
 @dataclass

@@ -6,8 +6,12 @@ and ``s3`` (n - 3) its result must be ``{"n": (i + 1) * 2 - 3, "s": TEXT}``.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final
 
+from bench.figures import percentile
 from bench.stages import Payload
 
 TEXT: Final = "".join(chr(ord("a") + (i * 7) % 26) for i in range(100))  # 100 characters
@@ -66,3 +70,45 @@ class Tally:
     @property
     def mismatches(self) -> int:
         return self.wrong + self.missing
+
+
+@dataclass
+class Run:
+    """One throughput run: tasks through, in how long, and what was wrong."""
+
+    tasks: int
+    seconds: float
+    mismatches: int
+    anomalies: int = 0  # transitions the tracker found impossible (dsat only)
+
+    @property
+    def per_second(self) -> float:
+        return self.tasks / self.seconds
+
+
+@dataclass
+class LatencyRun:
+    """One task in flight at a time: each one's time from submit to result, in seconds."""
+
+    samples: list[float]
+    mismatches: int
+
+    @property
+    def p50(self) -> float:
+        return percentile(self.samples, 0.50)
+
+    @property
+    def p99(self) -> float:
+        return percentile(self.samples, 0.99)
+
+
+def one_at_a_time(count: int, round_trip: Callable[[int], Any]) -> LatencyRun:
+    """Time ``round_trip(i)`` (submit task i, return its result) for i in 0..count-1."""
+    samples: list[float] = []
+    mismatches = 0
+    for i in range(count):
+        started = time.perf_counter()
+        result = round_trip(i)
+        samples.append(time.perf_counter() - started)
+        mismatches += not is_right(i, result)
+    return LatencyRun(samples, mismatches)

@@ -651,12 +651,21 @@ class Outstanding(Generic[T]):
     after a gap is refused (``confirm`` with ``gap``) and everything from the
     first missing one is sent again; so is everything unconfirmed when no
     confirmation came for ``timeout`` seconds (the receiver may have restarted).
+    With a ``window``, at most that many items are sent and not yet confirmed:
+    the rest wait here rather than pile up in the receiver's socket.
     """
 
-    def __init__(self, pending: Iterable[tuple[int, T]] = (), *, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        pending: Iterable[tuple[int, T]] = (),
+        *,
+        timeout: float = 2.0,
+        window: int | None = None,
+    ) -> None:
         self.unconfirmed: collections.deque[tuple[int, T]] = collections.deque(pending)
         self.unsent: collections.deque[tuple[int, T]] = collections.deque(self.unconfirmed)
         self.timeout = timeout
+        self.window = window
         self.sent_at = 0.0
 
     def extend(self, items: Iterable[tuple[int, T]]) -> None:
@@ -666,9 +675,13 @@ class Outstanding(Generic[T]):
 
     def batch(self, now: float, limit: int) -> list[tuple[int, T]]:
         """The next items to send (taken off the unsent list), or [] when none is due."""
-        if self.unconfirmed and not self.unsent and now - self.sent_at > self.timeout:
+        in_flight = len(self.unconfirmed) - len(self.unsent)
+        if in_flight and now - self.sent_at > self.timeout:
             self.unsent = collections.deque(self.unconfirmed)  # no word from the receiver
+            in_flight = 0
         count = min(limit, len(self.unsent))
+        if self.window is not None:
+            count = min(count, max(0, self.window - in_flight))
         return [self.unsent.popleft() for _ in range(count)]
 
     def sent(self, now: float) -> None:

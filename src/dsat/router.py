@@ -74,6 +74,12 @@ CONFIRM_TIMEOUT: Final = 2.0  # events not confirmed by then are sent again
 KILL_GRACE: Final = 1.0  # a worker past its task's timeout by this much is killed
 LOAD_EVERY: Final = 1.0  # seconds between load reports
 MAX_BATCH: Final = 2000  # events per batch, messages read per socket per cycle
+# events sent to the tracker and not yet confirmed: more wait in the router, not in
+# the tracker's socket (a tracker behind would otherwise hold every router's backlog)
+EVENTS_IN_FLIGHT: Final = 2 * MAX_BATCH
+# events not yet confirmed by the tracker past which a router takes no new task: a
+# tracker that falls behind slows the pipeline down instead of filling its memory
+EVENT_BACKLOG: Final = 50 * MAX_BATCH
 RECENT: Final = 100_000  # keys of finished tasks remembered, to refuse duplicates
 MAX_BACKOFF: Final = 60.0
 PROPAGATE_WINDOW: Final = 8  # tasks offered to peer satellites at a time
@@ -117,7 +123,9 @@ class Reporter:
         self.producer = producer
         self.epoch = epoch
         self.next_eseq = next_eseq
-        self.outstanding: Outstanding[list[Any]] = Outstanding(pending, timeout=CONFIRM_TIMEOUT)
+        self.outstanding: Outstanding[list[Any]] = Outstanding(
+            pending, timeout=CONFIRM_TIMEOUT, window=EVENTS_IN_FLIGHT
+        )
         self.fresh: list[tuple[int, list[Any]]] = []
 
     def add(self, row: list[Any]) -> None:
@@ -892,7 +900,11 @@ class Router(FixedPoint):
 
     @property
     def full(self) -> bool:
-        return len(self.items) >= self.step_def.max_queue or self.stopping
+        return (
+            len(self.items) >= self.step_def.max_queue
+            or self.stopping
+            or self.reporter.backlog >= EVENT_BACKLOG
+        )
 
     def reply(self, socket: zmq.Socket[bytes], peer: bytes, kind: str, key: Key) -> None:
         """Answer a sender (ack, busy, release), batched per sender for this cycle."""
@@ -1206,7 +1218,7 @@ class QueueRouter(Router):
 
     @property
     def full(self) -> bool:
-        if len(self.items) >= self.step_def.max_queue or self.stopping:
+        if super().full:
             return True
         # a step that also runs elsewhere keeps only a short backlog: its senders keep
         # the rest and offer each task to whichever satellite has room (least busy)

@@ -21,6 +21,7 @@ from dsat.message import (
     Control,
     Envelope,
     EventRecord,
+    Outstanding,
     control,
     decode_control,
     encode,
@@ -383,3 +384,51 @@ def test_unpack_records_of_nearly_valid_rows_raises_nothing_but_message_error(se
             assert set(record.detail) <= set(DETAIL_TYPES)
             packed = pack_records([record])  # bytes, so that a NaN compares equal to itself
             assert pack_records(unpack_records(packed)) == packed
+
+
+# ---------------------------------------------------------------------------
+# Outstanding: events kept until confirmed, sent within a window
+
+
+def _numbered(first: int, count: int) -> list[tuple[int, str]]:
+    return [(n, f"e{n}") for n in range(first, first + count)]
+
+
+def test_outstanding_window_holds_back_what_is_not_confirmed() -> None:
+    out: Outstanding[str] = Outstanding(timeout=2.0, window=5)
+    out.extend(_numbered(1, 12))
+    first = out.batch(0.0, limit=4)
+    out.sent(0.0)
+    assert [n for n, _ in first] == [1, 2, 3, 4]
+    second = out.batch(0.1, limit=4)  # only one more fits in the window
+    out.sent(0.1)
+    assert [n for n, _ in second] == [5]
+    assert out.batch(0.2, limit=4) == []
+    out.confirmed(3, 0.3)  # three confirmed: three more may go
+    assert [n for n, _ in out.batch(0.3, limit=10)] == [6, 7, 8]
+    assert len(out) == 9  # 4..12 still unconfirmed
+
+
+def test_outstanding_window_resends_after_silence() -> None:
+    """A full window and no word from the receiver (it restarted): everything again."""
+    out: Outstanding[str] = Outstanding(timeout=2.0, window=3)
+    out.extend(_numbered(1, 6))
+    assert [n for n, _ in out.batch(0.0, limit=10)] == [1, 2, 3]
+    out.sent(0.0)
+    assert out.batch(1.0, limit=10) == []  # window full, not yet timed out
+    assert [n for n, _ in out.batch(2.5, limit=10)] == [1, 2, 3]
+
+
+def test_outstanding_gap_sends_from_the_first_missing() -> None:
+    out: Outstanding[str] = Outstanding(timeout=2.0, window=10)
+    out.extend(_numbered(1, 6))
+    out.batch(0.0, limit=10)
+    out.sent(0.0)
+    out.confirmed(2, 0.1, gap=True)
+    assert [n for n, _ in out.batch(0.1, limit=10)] == [3, 4, 5, 6]
+
+
+def test_outstanding_without_window_sends_everything() -> None:
+    out: Outstanding[str] = Outstanding(timeout=2.0)
+    out.extend(_numbered(1, 50))
+    assert len(out.batch(0.0, limit=100)) == 50

@@ -102,6 +102,19 @@ _EVENT_COLUMNS: Final = (
     "task_id, tseq, branch, seq, attempt, event, step, at_satellite, wid, pid, at, detail, flag"
 )
 
+# An upsert, not INSERT OR REPLACE: REPLACE deletes the row and inserts it again,
+# rewriting every index entry; this rewrites only the columns that change (a task
+# is written several times in its life, its job_id never changes).
+_UPSERT_TASK: Final = (
+    f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (task_id) DO UPDATE SET "
+    + ", ".join(
+        f"{name} = excluded.{name}"
+        for name in _TASK_COLUMNS.replace(" ", "").split(",")
+        if name not in ("task_id", "job_id")
+    )
+)
+
 
 class SqliteStore:
     """The default store: a SQLite file in WAL mode, one transaction per batch."""
@@ -174,11 +187,7 @@ class SqliteStore:
                     events,
                 )
             if tasks:
-                db.executemany(
-                    f"INSERT OR REPLACE INTO tasks ({_TASK_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    tasks,
-                )
+                db.executemany(_UPSERT_TASK, tasks)
             if batch.results:
                 db.executemany(
                     "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?)",
