@@ -137,6 +137,15 @@ class State:
         return dict(self.results) if self.results else None
 
 
+def _ended_as(raw: Mapping[str, Any] | None, last: int) -> str:
+    """The final state if the task of a ``state`` reply ended with ``last`` its latest event."""
+    if raw is None:
+        return ""
+    task = raw["task"]
+    ended = task["ended"] is not None and task["events"] <= last
+    return str(task["state"]) if ended else ""
+
+
 def _state(raw: Mapping[str, Any], *, allow_pickle: bool) -> State:
     task = raw["task"]
     history = tuple(_event(e) for e in raw["events"])
@@ -496,13 +505,15 @@ class Client:
         deadline = time.monotonic() + timeout if timeout is not None else None
         last = 0
         poll_every = 0.05
-        self._known(task_id)  # an unknown task is an error, not an endless wait
         try:
+            # one query gives the task, its events so far and whether it ended; an
+            # unknown task is an error, not an endless wait
+            raw: Mapping[str, Any] | None = self._known(task_id)
             while True:
                 # What the store has (at first, and whenever the stream is quiet: the
                 # subscription takes a moment to start, and PUB drops under load).
-                stored = self._stored_events(task_id, last)
-                ended = self._ended_as(task_id, stored[-1].tseq if stored else last)
+                stored = [_event(e) for e in raw["events"] if e["tseq"] > last] if raw else []
+                ended = _ended_as(raw, stored[-1].tseq if stored else last)
                 if ended and stored:  # the store's last event is the one that ended it
                     stored[-1] = replace(stored[-1], over=True, state=ended)
                 for event in stored:
@@ -536,21 +547,13 @@ class Client:
                         return
                     poll_every = 0.05
                 poll_every = min(1.0, poll_every * 2)
+                raw = self._query_op("state", task_id=task_id, after=last)
         finally:
             if self._sub is not None and not self._context.closed:
                 sub.setsockopt(zmq.UNSUBSCRIBE, topic)
 
     def _stored_events(self, task_id: str, after: int) -> list[EventInfo]:
         return [_event(e) for e in self._query_op("events", task_id=task_id, after=after)]
-
-    def _ended_as(self, task_id: str, last: int) -> str:
-        """The final state if the task ended with ``last`` its latest event, else ""."""
-        raw = self._query_op("state", task_id=task_id)
-        if raw is None:
-            return ""
-        task = raw["task"]
-        ended = task["ended"] is not None and task["events"] <= last
-        return str(task["state"]) if ended else ""
 
     def _read_live(self, sub: zmq.Socket[bytes]) -> EventInfo | None:
         frames = sub.recv_multipart()

@@ -249,7 +249,7 @@ class SocketPlan:
     """One socket of a process: its ZeroMQ type, bind or connect, and where."""
 
     purpose: str  # "in", "work", "events", "out:csv", "submit", "pub", "query"
-    type: str  # "ROUTER", "DEALER", "PUB"
+    type: str  # "ROUTER", "DEALER", "XPUB"
     bind: bool
     addresses: tuple[str, ...]
     pattern: Pattern = Pattern.PUSH  # for "out:" sockets: one instance or all
@@ -361,7 +361,7 @@ def get_connection(topology: Topology, node: str, *, satellite: str = "") -> Pla
                 True,
                 _exposed(topology, satellite, f"tracker.{purpose}", f"tracker.{purpose}"),
             )
-            for purpose, kind in (("events", "ROUTER"), ("query", "ROUTER"), ("pub", "PUB"))
+            for purpose, kind in (("events", "ROUTER"), ("query", "ROUTER"), ("pub", "XPUB"))
         )
         return Plan(node, Role.TRACKER, satellite, sockets)
 

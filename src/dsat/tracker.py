@@ -528,13 +528,10 @@ class Tracker:
         if op == "hello":
             return {"satellite": self.satellite, "protocol": str(PROTOCOL)}
         if op == "state":
-            return self._state(field_of(body, "task_id", str, "query"))
+            return self._state(field_of(body, "task_id", str, "query"), _after(body, op))
         if op == "events":
             task_id = field_of(body, "task_id", str, "query")
-            after = body.get("after", 0)
-            if type(after) is not int or not 0 <= after <= _MAX_INT:
-                raise MessageError("query events: after must be an integer in 0..2**63-1")
-            return [_as_dict(e) for e in self.store.events(task_id, after)]
+            return [_as_dict(e) for e in self.store.events(task_id, _after(body, op))]
         if op == "tasks":
             return self._tasks(body)
         if op == "load":
@@ -554,7 +551,8 @@ class Tracker:
             }
         raise MessageError(f"query: unknown op {op!r:.40}")
 
-    def _state(self, task_id: str) -> dict[str, Any] | None:
+    def _state(self, task_id: str, after: int = 0) -> dict[str, Any] | None:
+        """A task, its events (those after ``after`` only: a follower has the rest), results."""
         row = self.store.task(task_id)
         if row is None:
             return None
@@ -562,7 +560,7 @@ class Tracker:
         task["unknown"] = self.is_unknown(row, time.time())
         return {
             "task": task,
-            "events": [_as_dict(e) for e in self.store.events(task_id)],
+            "events": [_as_dict(e) for e in self.store.events(task_id, after)],
             "results": [_as_dict(r) for r in self.store.results(task_id)],
         }
 
@@ -703,6 +701,14 @@ class Tracker:
         """When this tracker last heard from another satellite (its tracker's heartbeat)."""
         history = self.loads.get(f"{satellite}/{TRACKER}")
         return history[-1]["received"] if history else None
+
+
+def _after(body: dict[str, Any], op: str) -> int:
+    """A query's ``after``: events numbered above it (default 0, all of them)."""
+    after = body.get("after", 0)
+    if type(after) is not int or not 0 <= after <= _MAX_INT:
+        raise MessageError(f"query {op}: after must be an integer in 0..2**63-1")
+    return after
 
 
 _FIELD_NAMES: dict[type, tuple[str, ...]] = {}

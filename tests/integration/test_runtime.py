@@ -552,6 +552,26 @@ def test_status_for_yields_every_event_once_in_order_before_during_and_after_the
     )
 
 
+def test_a_state_query_can_ask_only_for_the_events_a_follower_lacks(
+    satellite: Callable[..., RunningSatellite],
+) -> None:
+    """status_for polls with ``after``: the task row and results, and only newer events."""
+    running = satellite(NAP, {"nap": NAP_CODE})
+    with running.client() as client:
+        task_id = client.submit("nap", {"n": 4, "sleep": 0.0})
+        assert client.wait(task_id, timeout=30) == {"done": 4}
+        whole = client._query_op("state", task_id=task_id)
+        count = len(whole["events"])
+        assert [e["tseq"] for e in whole["events"]] == list(range(1, count + 1))
+        tail = client._query_op("state", task_id=task_id, after=count - 2)
+        assert [e["tseq"] for e in tail["events"]] == [count - 1, count]
+        assert tail["task"] == {**whole["task"], "unknown": tail["task"]["unknown"]}
+        assert tail["results"] == whole["results"]
+        assert client._query_op("state", task_id=task_id, after=count)["events"] == []
+        with pytest.raises(dsat.DsatError, match="after must be an integer"):
+            client._query_op("state", task_id=task_id, after=-1)
+
+
 # ---------------------------------------------------------------------------
 # 6. states survive a restart
 

@@ -1278,7 +1278,7 @@ def test_the_tracker_binds_events_query_and_pub(one_satellite: Topology, short_d
     assert [(s.purpose, s.type, s.bind, s.addresses) for s in plan.sockets] == [
         ("events", "ROUTER", True, (f"{rt}/tracker.events",)),
         ("query", "ROUTER", True, (f"{rt}/tracker.query",)),
-        ("pub", "PUB", True, (f"{rt}/tracker.pub",)),
+        ("pub", "XPUB", True, (f"{rt}/tracker.pub",)),
     ]
 
 
