@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import secrets
 import time
@@ -322,7 +323,7 @@ class Orchester(FixedPoint):
         try:
             while not (self.stopping and self.drained()):
                 now = time.monotonic()
-                ready = dict(self.poller.poll(int(self.next_timeout(now) * 1000)))
+                ready = dict(self.poller.poll(math.ceil(self.next_timeout(now) * 1000)))
                 self.read_common(ready)
                 for socket in self.submits:
                     if socket in ready:

@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import heapq
 import logging
+import math
 import os
 import secrets
 import signal
@@ -1102,7 +1103,7 @@ class Router(FixedPoint):
         try:
             while not (self.stopping and self.drained()):
                 now = time.monotonic()
-                ready = dict(self.poller.poll(int(self.next_timeout(now) * 1000)))
+                ready = dict(self.poller.poll(math.ceil(self.next_timeout(now) * 1000)))
                 self.read(ready)
                 now = time.monotonic()
                 self.retry_due(now)
