@@ -30,6 +30,7 @@ from typing import Any, Final
 
 import psutil
 
+from bench.satellite import Started
 from bench.workload import LatencyRun, Run, is_right, one_at_a_time, payload
 
 ROOT: Final = Path(__file__).resolve().parent.parent  # bench's parent: the worker imports bench
@@ -129,7 +130,7 @@ def _stop(process: subprocess.Popen[bytes], *, first: int = signal.SIGTERM) -> N
                 child.kill()
 
 
-class CeleryPeer:
+class CeleryPeer(Started):
     """A private redis-server and one Celery worker, for as long as the ``with`` lasts."""
 
     def __init__(self) -> None:
@@ -139,17 +140,6 @@ class CeleryPeer:
         self.redis: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
         self.app: ModuleType | None = None
-
-    def __enter__(self) -> CeleryPeer:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def start(self) -> None:
         with open(self.directory / "redis.log", "ab") as out:

@@ -19,8 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Final
+from typing import Final, Self
 
 import psutil
 
@@ -74,7 +73,28 @@ def rss(pid: int) -> int:
     return int(psutil.Process(pid).memory_info().rss)
 
 
-class Satellite:
+class Started:
+    """What a ``with`` starts and always stops, even when starting it failed half-way."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Satellite(Started):
     """``dsat run`` on the benchmark topology, in its own temporary directory."""
 
     def __init__(self, *, workers: int = 1) -> None:
@@ -83,22 +103,6 @@ class Satellite:
         self.output = self.directory / "run.out"
         self.process: subprocess.Popen[bytes] | None = None
         self.pids: set[int] = set()
-
-    def __enter__(self) -> Satellite:
-        try:
-            self.start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def start(self) -> None:
         """Start ``dsat run`` and wait until its orchester and tracker answer."""
