@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,6 +22,49 @@ import pytest
 import zmq
 
 import dsat
+
+# ---------------------------------------------------------------------------
+# no test runs for ever: one that hangs fails, and the suite goes on
+
+TEST_LIMIT = 240.0  # seconds; the longest test takes well under a minute
+
+
+class TestTimeout(Exception):
+    """A test ran past its limit (raised in the main thread, wherever it was blocked)."""
+
+    __test__ = False  # not a test class, for pytest
+
+
+@contextlib.contextmanager
+def hard_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise TestTimeout in the main thread once ``seconds`` have passed.
+
+    A watchdog thread signals the main thread (SIGUSR1); the signal interrupts
+    a blocking call (a ZeroMQ send or receive, a sleep, a wait) and the handler
+    raises, so the test fails and its fixtures still clean up what it started.
+    """
+    main = threading.main_thread().ident
+    assert main is not None
+    assert threading.get_ident() == main, "signals reach the main thread only"
+
+    def on_signal(signum: int, frame: object) -> None:
+        raise TestTimeout(f"{what} ran past its limit of {seconds:g}s")
+
+    previous = signal.signal(signal.SIGUSR1, on_signal)
+    watchdog = threading.Timer(seconds, signal.pthread_kill, (main, signal.SIGUSR1))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+        signal.signal(signal.SIGUSR1, previous)
+
+
+@pytest.fixture(autouse=True)
+def _time_limit(request: pytest.FixtureRequest) -> Iterator[None]:
+    with hard_limit(TEST_LIMIT, request.node.nodeid):
+        yield
 
 
 class _ClosingContext(zmq.Context[zmq.Socket[bytes]]):
