@@ -1,6 +1,6 @@
 """Celery with Redis, what users pick instead: installed if missing, started, measured, stopped.
 
-The suite brings what it needs: ``pip install celery redis`` into this Python
+The suite brings what it needs: ``pip install`` of :data:`REQUIREMENTS` into this Python
 when they do not import, and ``apt-get install -y redis-server`` when
 ``redis-server`` is not on PATH (as root). It starts redis-server on 127.0.0.1
 on a free port with no persistence, and one Celery worker (prefork,
@@ -37,6 +37,8 @@ ROOT: Final = Path(__file__).resolve().parent.parent  # bench's parent: the work
 START_TIMEOUT: Final = 60.0
 STOP_TIMEOUT: Final = 30.0
 INSTALL_TIMEOUT: Final = 900.0
+# what the Celery part installs when missing (the same as pyproject's "bench" extra)
+REQUIREMENTS: Final = ("celery[redis]>=5.3", "redis>=5.0")
 
 
 def _run(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -65,9 +67,9 @@ def ensure_celery() -> str:
     except ImportError:
         pass
     print("bench: installing celery and redis with pip...", flush=True)
-    result = _run([sys.executable, "-m", "pip", "install", "--quiet", "celery", "redis"])
+    result = _run([sys.executable, "-m", "pip", "install", "--quiet", *REQUIREMENTS])
     if result.returncode != 0:
-        return f"pip install celery redis failed: {_tail(result)}"
+        return f"pip install {' '.join(REQUIREMENTS)} failed: {_tail(result)}"
     importlib.invalidate_caches()
     try:
         importlib.import_module("celery")
