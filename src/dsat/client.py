@@ -14,6 +14,7 @@ A client is not thread-safe: give each thread its own (they are cheap).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -132,9 +133,13 @@ class State:
     @property
     def result(self) -> Any:
         """The terminus' result; a {step: result} mapping when several branches ended."""
-        if len(self.results) == 1:
-            return next(iter(self.results.values()))
-        return dict(self.results) if self.results else None
+        return _result(self.results)
+
+
+def _result(results: Mapping[str, Any]) -> Any:
+    if len(results) == 1:
+        return next(iter(results.values()))
+    return dict(results) if results else None
 
 
 def _ended_as(raw: Mapping[str, Any] | None, last: int) -> str:
@@ -146,11 +151,10 @@ def _ended_as(raw: Mapping[str, Any] | None, last: int) -> str:
     return str(task["state"]) if ended else ""
 
 
-def _state(raw: Mapping[str, Any], *, allow_pickle: bool) -> State:
-    task = raw["task"]
-    history = tuple(_event(e) for e in raw["events"])
+def _results(raw: Iterable[Mapping[str, Any]], *, allow_pickle: bool) -> dict[str, Any]:
+    """Stored results (one per branch that ended) as {terminus step: value}."""
     results: dict[str, Any] = {}
-    for result in raw.get("results", []):
+    for result in raw:
         value = loads(result["data"], result["serialization"], allow_pickle=allow_pickle)
         if result["step"] in results:  # two branches ended at the same step
             previous = results[result["step"]]
@@ -159,6 +163,13 @@ def _state(raw: Mapping[str, Any], *, allow_pickle: bool) -> State:
             )
         else:
             results[result["step"]] = value
+    return results
+
+
+def _state(raw: Mapping[str, Any], *, allow_pickle: bool) -> State:
+    task = raw["task"]
+    history = tuple(_event(e) for e in raw["events"])
+    results = _results(raw.get("results", []), allow_pickle=allow_pickle)
     unknown = bool(task.get("unknown"))
     return State(
         task_id=task["task_id"],
@@ -499,6 +510,13 @@ class Client:
         Raises:
             WaitTimeoutError: ``timeout`` seconds passed before the task ended.
         """
+        for event, _ in self._follow(task_id, timeout):
+            yield event
+
+    def _follow(
+        self, task_id: str, timeout: float | None
+    ) -> Iterator[tuple[EventInfo, list[Any] | None]]:
+        """status_for's events, each with the task's results if it came live and ended it."""
         sub = self._subscriber()
         topic = task_id.encode()
         sub.setsockopt(zmq.SUBSCRIBE, topic)
@@ -518,7 +536,7 @@ class Client:
                     stored[-1] = replace(stored[-1], over=True, state=ended)
                 for event in stored:
                     last = event.tseq
-                    yield event
+                    yield event, None
                 if ended:
                     return
                 quiet_until = time.monotonic() + poll_every
@@ -532,17 +550,20 @@ class Client:
                         left = min(left, deadline - time.monotonic())
                     if left <= 0 or not sub.poll(int(left * 1000) + 1):
                         break
-                    live = self._read_live(sub)
-                    if live is None or live.task_id != task_id or live.tseq <= last:
+                    received = self._read_live(sub)
+                    if received is None:
+                        continue
+                    live, results = received
+                    if live.task_id != task_id or live.tseq <= last:
                         continue
                     if live.tseq > last + 1:  # missed some: take them from the store
                         for missed in self._stored_events(task_id, last):
                             if missed.tseq >= live.tseq:
                                 break
                             last = missed.tseq
-                            yield missed
+                            yield missed, None
                     last = live.tseq
-                    yield live
+                    yield live, results
                     if live.over:
                         return
                     poll_every = 0.05
@@ -555,15 +576,17 @@ class Client:
     def _stored_events(self, task_id: str, after: int) -> list[EventInfo]:
         return [_event(e) for e in self._query_op("events", task_id=task_id, after=after)]
 
-    def _read_live(self, sub: zmq.Socket[bytes]) -> EventInfo | None:
+    def _read_live(self, sub: zmq.Socket[bytes]) -> tuple[EventInfo, list[Any] | None] | None:
+        """A live event, and the task's results if it ended the task (None: not sent)."""
         frames = sub.recv_multipart()
         if len(frames) != 3:
             return None
         try:
             check_protocol(frames[1])
             raw = msgpack.unpackb(frames[2], raw=False)
-            return _event(raw)
-        except (MessageError, ValueError, TypeError, msgpack.UnpackException):
+            results = raw.get("results")
+            return _event(raw), results if type(results) is list else None
+        except (MessageError, ValueError, TypeError, AttributeError, msgpack.UnpackException):
             return None
 
     def wait(self, task_id: str, timeout: float = 10.0) -> Any:
@@ -573,8 +596,12 @@ class Client:
             TaskFailedError: it ended in FAILURE.
             WaitTimeoutError: it did not end within ``timeout`` seconds.
         """
-        for event in self.status_for(task_id, timeout=timeout):
+        for event, results in self._follow(task_id, timeout):
             if event.over:
+                if event.state == "HAPPY_END" and results is not None:
+                    # it ended live, and the end brought the results: no query needed
+                    with contextlib.suppress(KeyError, TypeError):
+                        return _result(_results(results, allow_pickle=self.allow_pickle))
                 break
         state = self.state(task_id)
         if not state.over:

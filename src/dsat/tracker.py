@@ -332,7 +332,18 @@ class Tracker:
             "state": str(machine.state),
             "over": machine.ended,
         }
+        if machine.ended:  # the end carries the results: a waiting client needs no query
+            with contextlib.suppress(StoreError):  # without them, it asks
+                live["results"] = self._results_for(task_id, batch)
         return [[task_id.encode(), PROTOCOL_FRAME, msgpack.packb(live, use_bin_type=True)]]
+
+    def _results_for(self, task_id: str, batch: Batch) -> list[dict[str, Any]]:
+        """A task's results: those stored, and those this cycle is about to store."""
+        by_branch = {r.branch: r for r in self.store.results(task_id)}
+        for result in batch.results:
+            if result.task_id == task_id:
+                by_branch[result.branch] = result
+        return [_as_dict(by_branch[branch]) for branch in sorted(by_branch)]
 
     def _file(self, machine: TaskMachine) -> None:
         """Keep a live task live, move an ended one to the (bounded) cache of ended tasks."""

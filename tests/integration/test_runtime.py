@@ -552,6 +552,23 @@ def test_status_for_yields_every_event_once_in_order_before_during_and_after_the
     )
 
 
+def test_wait_takes_the_result_from_the_live_end_without_asking_again(
+    satellite: Callable[..., RunningSatellite], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that ends while a client waits: its last live event brings the results."""
+    running = satellite(NAP, {"nap": NAP_CODE})
+    with running.client() as client:
+        task_id = client.submit("nap", {"n": 5, "sleep": 0.5})
+
+        def no_state(task_id: str) -> dsat.State:
+            raise AssertionError("wait asked for the state")
+
+        monkeypatch.setattr(client, "state", no_state)
+        assert client.wait(task_id, timeout=30) == {"done": 5}
+        monkeypatch.undo()
+        assert client.state(task_id).result == {"done": 5}
+
+
 def test_a_state_query_can_ask_only_for_the_events_a_follower_lacks(
     satellite: Callable[..., RunningSatellite],
 ) -> None:
