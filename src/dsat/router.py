@@ -146,7 +146,14 @@ class Reporter:
         batch = self.outstanding.batch(now, MAX_BATCH)
         if not batch:
             return
-        meta = {"producer": self.producer, "epoch": self.epoch, "first": batch[0][0]}
+        # "behind": how many more wait here; the tracker holds its grace for tasks
+        # missing events while some producer is behind (their events are coming)
+        meta = {
+            "producer": self.producer,
+            "epoch": self.epoch,
+            "first": batch[0][0],
+            "behind": len(self.outstanding.unsent),
+        }
         try:
             self.socket.send_multipart(
                 control("events", meta, msgpack.packb([r for _, r in batch])), zmq.NOBLOCK

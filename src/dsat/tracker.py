@@ -67,6 +67,7 @@ MAX_BATCHES: Final = 64  # event batches read per cycle
 _MAX_INT: Final = 2**63 - 1
 ENDED_CACHE: Final = 10_000  # ended tasks kept in memory, for their late events
 END_GRACE: Final = 5.0  # seconds a closed task may wait for missing events before it ends
+BEHIND_FOR: Final = 2.0  # a producer that said it was behind is deemed so this long after
 LOAD_TOPIC: Final = b"@load"
 POOLS_TOPIC: Final = b"@pools"  # autoscaling decisions, live
 DECISIONS_KEPT: Final = 200
@@ -129,6 +130,9 @@ class Tracker:
         self.live: dict[str, TaskMachine] = {}
         self.ended: collections.OrderedDict[str, TaskMachine] = collections.OrderedDict()
         self.closing: dict[str, float] = {}  # closed tasks waiting for missing events
+        # producers that said they hold more events than they sent: when last heard so
+        self.behind: dict[str, float] = {}
+        self.grace_from = 0.0  # graces count from here at the earliest
         self.absent: set[str] = set()  # tasks of the batch at hand the store does not have
         self.touched: dict[str, TaskMachine] = {}  # tasks this cycle changed: one row each
         self.watched: set[str] = set()  # task ids someone follows live (XPUB subscriptions)
@@ -195,12 +199,17 @@ class Tracker:
                 producer = field_of(message.body, "producer", str, "events")
                 epoch = field_of(message.body, "epoch", int, "events")
                 first = field_of(message.body, "first", int, "events")
+                behind = message.body.get("behind", 0)
                 if len(message.extra) != 1:
                     raise MessageError("events: need one frame of records")
                 records = unpack_rows(message.extra[0])
             except MessageError as exc:
                 self._malformed("events", exc)
                 continue
+            if type(behind) is int and behind > 0:
+                self.behind[producer] = time.monotonic()
+            else:
+                self.behind.pop(producer, None)
             known_epoch, last = self.producers.get(producer, (epoch, first - 1))
             if known_epoch != epoch:
                 last = first - 1  # a new journal: its numbering starts afresh
@@ -385,9 +394,17 @@ class Tracker:
         return TaskMachine(task_id, row[JOB_ID], row[ORIGIN])
 
     def end_overdue(self, batch: Batch) -> None:
-        """End tasks that closed but still miss events after END_GRACE; flag what is missing."""
+        """End tasks that closed but still miss events after END_GRACE; flag what is missing.
+
+        The grace counts only while no producer is behind: one that still holds
+        events (the tracker could not keep up) may hold the missing ones.
+        """
         now = time.monotonic()
-        overdue = [t for t, since in self.closing.items() if now - since > END_GRACE]
+        if any(now - heard < BEHIND_FOR for heard in self.behind.values()):
+            self.grace_from = now  # every grace starts again once all have caught up
+            return
+        start = self.grace_from
+        overdue = [t for t, since in self.closing.items() if now - max(since, start) > END_GRACE]
         for task_id in overdue:
             self.closing.pop(task_id)
             machine = self.live.get(task_id)

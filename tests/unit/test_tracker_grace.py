@@ -1,0 +1,146 @@
+"""A closed task missing events waits END_GRACE, but only while no producer is behind.
+
+The tracker is built in this process on a real SQLite store and fed event
+batches as the routers send them (``events`` control messages on its socket),
+through a real DEALER socket over ipc.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from conftest import wait_for
+from dsat import tracker as tracker_module
+from dsat.fsm import Event
+from dsat.message import EventRecord, control, pack_records
+from dsat.store import Batch, open_store
+from dsat.topology import TRACKER, get_connection, load_topology
+from dsat.tracker import Tracker
+
+TOPOLOGY = """\
+[satellite.local]
+runtime_dir = "{runtime}"
+
+[store]
+url = "sqlite:///{store}"
+
+[step.s1]
+call = "math:sqrt"
+entry = true
+"""
+
+
+@pytest.fixture
+def fed(
+    tmp_path: Path, ipc_dir: Path, zctx: zmq.Context[zmq.Socket[bytes]]
+) -> Iterator[tuple[Tracker, zmq.Socket[bytes]]]:
+    path = tmp_path / "topology.toml"
+    path.write_text(TOPOLOGY.format(runtime=ipc_dir / "rt", store=tmp_path / "status.db"))
+    topology = load_topology(path)
+    (ipc_dir / "rt").mkdir(mode=0o700)  # dsat run makes it; here the test does
+    store = open_store(topology.store_url("local"))
+    tracker = Tracker(topology, satellite="local", context=zctx, store=store)
+    producer = zctx.socket(zmq.DEALER)
+    producer.connect(
+        get_connection(topology, TRACKER, satellite="local").socket("events").addresses[0]
+    )
+    try:
+        yield tracker, producer
+    finally:
+        tracker.close()
+
+
+def _records(task_id: str, with_s1_hop: bool) -> list[EventRecord]:
+    """A one-step task's events; without the s1 hop, its history has a hole."""
+    now = time.time()
+
+    def record(event: Event, seq: int, step: str, **detail: Any) -> EventRecord:
+        return EventRecord(
+            task_id, task_id, 1, seq, 1, event, step, "local", "local", "w", 1, now, detail
+        )
+
+    events = [record(Event.INIT, 0, "", next=["s1"]), record(Event.SEND, 1, "", next=["s1"])]
+    if with_s1_hop:
+        events += [record(Event.ACK, 1, "s1"), record(Event.START, 1, "s1")]
+    events += [
+        record(Event.END, 1, "s1", elapsed=0.001),
+        record(Event.HAPPY_END, 1, "s1", serialization="msgpack", result=msgpack.packb(1)),
+    ]
+    return events
+
+
+def _send(producer: zmq.Socket[bytes], records: list[EventRecord], first: int, behind: int) -> None:
+    meta = {"producer": "local/s1.queue", "epoch": 1, "first": first, "behind": behind}
+    producer.send_multipart(control("events", meta, pack_records(records)))
+
+
+def _cycle(tracker: Tracker) -> None:
+    """What the tracker's loop does with events: read, end what is overdue, write."""
+    batch = Batch()
+    for socket in tracker.events:
+        while socket.poll(50):
+            tracker.read_events(socket, batch)
+    if tracker.closing:
+        tracker.end_overdue(batch)
+    if tracker.touched:
+        batch.tasks = {t: tracker._row(m) for t, m in tracker.touched.items()}
+        tracker.touched = {}
+    tracker.store.write(batch)
+
+
+def test_a_task_missing_events_waits_while_a_producer_is_behind(
+    fed: tuple[Tracker, zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tracker, producer = fed
+    monkeypatch.setattr(tracker_module, "END_GRACE", 0.3)
+    monkeypatch.setattr(tracker_module, "BEHIND_FOR", 3.0)
+    task_id = "0" * 22
+    events = _records(task_id, with_s1_hop=False)
+    _send(producer, events, first=1, behind=5000)  # "more of mine are coming"
+    wait_for(lambda: (_cycle(tracker), task_id in tracker.closing)[1], timeout=5)
+    time.sleep(0.4)  # past the grace, but the producer is behind: no forced end
+    _cycle(tracker)
+    machine = tracker.live[task_id]
+    assert not machine.over
+    assert machine.anomalies == 0
+
+    # the producer caught up (its next batch says nothing is left): the grace runs again
+    _send(producer, [], first=len(events) + 1, behind=0)
+    _cycle(tracker)
+    time.sleep(0.1)
+    _cycle(tracker)
+    assert not tracker.live[task_id].over  # the grace restarted: not over yet
+    wait_for(lambda: (_cycle(tracker), task_id not in tracker.live)[1], timeout=5)
+    row = tracker.store.task(task_id)
+    assert row is not None
+    assert row.ended is not None
+    assert row.anomalies > 0
+
+
+def test_the_missing_events_arriving_late_end_the_task_without_anomaly(
+    fed: tuple[Tracker, zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tracker, producer = fed
+    monkeypatch.setattr(tracker_module, "END_GRACE", 0.3)
+    monkeypatch.setattr(tracker_module, "BEHIND_FOR", 5.0)
+    task_id = "1" * 22
+    whole = _records(task_id, with_s1_hop=True)
+    hop = [e for e in whole if e.event in (Event.ACK, Event.START)]
+    rest = [e for e in whole if e not in hop]
+    _send(producer, rest, first=1, behind=2)
+    wait_for(lambda: (_cycle(tracker), task_id in tracker.closing)[1], timeout=5)
+    time.sleep(0.5)  # longer than the grace: only the producer's backlog holds it
+    _cycle(tracker)
+    _send(producer, hop, first=len(rest) + 1, behind=0)
+    wait_for(lambda: (_cycle(tracker), task_id not in tracker.live)[1], timeout=5)
+    row = tracker.store.task(task_id)
+    assert row is not None
+    assert row.state == "HAPPY_END"
+    assert row.anomalies == 0
