@@ -52,7 +52,7 @@ import json
 import os
 import pickle
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final, Generic, TypeVar
 
@@ -305,6 +305,15 @@ def read_header(data: bytes) -> Envelope:
 
 # ---------------------------------------------------------------------------
 # at the socket
+
+
+def drain(socket: zmq.Socket[bytes], limit: int) -> Iterator[list[bytes]]:
+    """The messages waiting on a socket, without blocking, at most ``limit`` of them."""
+    for _ in range(limit):
+        try:
+            yield socket.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
 
 
 def configure(

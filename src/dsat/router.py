@@ -35,7 +35,7 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
@@ -48,12 +48,14 @@ from dsat.errors import MessageError
 from dsat.fsm import Event
 from dsat.journal import Entry, Forward, Journal, Key
 from dsat.message import (
+    Control,
     Envelope,
     Outstanding,
     configure,
     control,
     decode,
     decode_control,
+    drain,
     dumps,
     encode,
     field_of,
@@ -77,6 +79,7 @@ LOAD_EVERY: Final = 1.0  # seconds between load reports
 MAX_BATCH: Final = 2000  # events per batch, messages read per socket per cycle
 # events sent to the tracker and not yet confirmed: more wait in the router, not in
 # the tracker's socket (a tracker behind would otherwise hold every router's backlog)
+ANSWERS: Final = frozenset({"ack", "busy", "release"})  # what a sender hears back
 EVENTS_IN_FLIGHT: Final = 2 * MAX_BATCH
 # events not yet confirmed by the tracker past which a router takes no new task: a
 # tracker that falls behind slows the pipeline down instead of filling its memory
@@ -669,11 +672,7 @@ class FixedPoint:
             self.recent.popitem(last=False)
 
     def read_events_socket(self) -> None:
-        for _ in range(MAX_BATCH):
-            try:
-                frames = self.events_socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(self.events_socket, MAX_BATCH):
             try:
                 message = decode_control(frames, frozenset({"confirm"}))
                 upto = field_of(message.body, "upto", int, "confirm")
@@ -685,19 +684,20 @@ class FixedPoint:
             if epoch == self.reporter.epoch:
                 self.reporter.confirmed(upto, time.monotonic(), gap=gap)
 
-    def read_outbox(self, socket: zmq.Socket[bytes]) -> None:
-        now = time.monotonic()
-        for _ in range(MAX_BATCH):
+    def answers(self, socket: zmq.Socket[bytes], where: str) -> Iterator[tuple[Control, list[Key]]]:
+        """The answers (ack, busy, release) waiting on a socket, with their keys."""
+        for frames in drain(socket, MAX_BATCH):
             try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = decode_control(frames, frozenset({"ack", "busy", "release"}))
+                message = decode_control(frames, ANSWERS)
                 keys = _keys(message.body)
             except MessageError as exc:
-                self.malformed("out", exc)
+                self.malformed(where, exc)
                 continue
+            yield message, keys
+
+    def read_outbox(self, socket: zmq.Socket[bytes]) -> None:
+        now = time.monotonic()
+        for message, keys in self.answers(socket, "out"):
             for key in keys:
                 if message.kind == "busy":
                     self.outbox.busy(key, socket, now)
@@ -1276,17 +1276,7 @@ class QueueRouter(Router):
     def read_peers(self, socket: zmq.Socket[bytes]) -> None:
         assert self.peers is not None
         now = time.monotonic()
-        for _ in range(MAX_BATCH):
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            try:
-                message = decode_control(frames, frozenset({"ack", "busy", "release"}))
-                keys = _keys(message.body)
-            except MessageError as exc:
-                self.malformed("peers", exc)
-                continue
+        for message, keys in self.answers(socket, "peers"):
             for key in keys:
                 pending = self.peers.pending.get(key)
                 if pending is None:

@@ -53,6 +53,7 @@ from dsat.message import (
     configure,
     control,
     decode_control,
+    drain,
     field_of,
     unpack_rows,
 )
@@ -842,11 +843,7 @@ class Relay:
 
     def read(self, batch: Batch) -> None:
         """Confirmations from the other tracker: forget what it has stored."""
-        while True:
-            try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(self.socket, MAX_BATCHES):
             try:
                 message = decode_control(frames, frozenset({"confirm"}))
                 upto = field_of(message.body, "upto", int, "confirm")
