@@ -386,7 +386,7 @@ class Client:
                     f"submit to {step}: still saturated after {limit:g}s ({reason})"
                 )
             time.sleep(pause)  # backpressure: wait for room, a little longer each time
-            pause = min(0.5, pause * 2)
+            pause = min(0.1, pause * 2)
 
     def retry(self, task_id: str) -> str:
         """Send a failed task (a dead letter) again, from the step where it failed."""

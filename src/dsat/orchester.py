@@ -15,6 +15,7 @@ Conversation on its ``submit`` socket (control messages):
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import logging
@@ -104,6 +105,9 @@ class Orchester(FixedPoint):
             self.poller.register(socket, zmq.POLLIN)
         self.new_id = TaskIds()
         self.capacity = topology.defaults.max_queue
+        self.max_live = topology.defaults.max_live
+        # tasks created whose INIT the tracker has not confirmed: (last event's number, count)
+        self.unseen: collections.deque[tuple[int, int]] = collections.deque()
         self.forwarding: dict[Key, list[bytes]] = {}  # task key -> its INIT frames
         for key, entry in self.replayed.tasks.items():
             self.forwarding[key] = entry.frames
@@ -202,9 +206,18 @@ class Orchester(FixedPoint):
                 "reason": f"saturated: {len(self.forwarding)} tasks wait for their first step",
                 "busy": True,
             }
+        live = self.tracked_live + sum(count for _, count in self.unseen)
+        if live >= self.max_live:
+            # admission control: the tracker follows enough tasks; a flood goes at its pace
+            self.counters.refused += len(payloads)
+            return "refused", {
+                "reason": f"saturated: {live} tasks are live (max_live {self.max_live})",
+                "busy": True,
+            }
         task_ids = [
             self.create(payload, targets, job_id, serialization, source) for payload in payloads
         ]
+        self.unseen.append((self.reporter.next_eseq - 1, len(task_ids)))
         return "accepted", {"task_ids": task_ids}
 
     def create(
@@ -333,6 +346,12 @@ class Orchester(FixedPoint):
         finally:
             self.commit()
             self.close()
+
+    def heard_live(self, live: int, upto: int | None) -> None:
+        super().heard_live(live, upto)
+        if upto is not None:  # the tracker counts those tasks among the live ones now
+            while self.unseen and self.unseen[0][0] <= upto:
+                self.unseen.popleft()
 
     def drained(self) -> bool:
         return not self.forwarding and (

@@ -533,6 +533,7 @@ class FixedPoint:
         self.recent: collections.OrderedDict[Key, None] = collections.OrderedDict()
         self.last_load = 0.0
         self.malformed_logged = 0.0
+        self.tracked_live = 0  # tasks live in the tracker, as its last answer said
 
         self.journal = Journal(os.path.join(journal_dir, f"{node}.journal"))
         replay = self.journal.replay()
@@ -674,15 +675,26 @@ class FixedPoint:
     def read_events_socket(self) -> None:
         for frames in drain(self.events_socket, MAX_BATCH):
             try:
-                message = decode_control(frames, frozenset({"confirm"}))
+                message = decode_control(frames, frozenset({"confirm", "tracked"}))
+                live = message.body.get("live") if type(message.body) is dict else None
+                if message.kind == "tracked":
+                    if type(live) is int and live >= 0:
+                        self.heard_live(live, None)
+                    continue
                 upto = field_of(message.body, "upto", int, "confirm")
                 epoch = field_of(message.body, "epoch", int, "confirm")
                 gap = bool(message.body.get("gap", False))
             except MessageError as exc:
                 self.malformed("events", exc)
                 continue
+            if type(live) is int and live >= 0:
+                self.heard_live(live, upto if epoch == self.reporter.epoch else None)
             if epoch == self.reporter.epoch:
                 self.reporter.confirmed(upto, time.monotonic(), gap=gap)
+
+    def heard_live(self, live: int, upto: int | None) -> None:
+        """The tracker follows ``live`` tasks, having applied our events up to ``upto``."""
+        self.tracked_live = live
 
     def answers(self, socket: zmq.Socket[bytes], where: str) -> Iterator[tuple[Control, list[Key]]]:
         """The answers (ack, busy, release) waiting on a socket, with their keys."""

@@ -150,6 +150,9 @@ class Defaults:
     max_message_size: int = DEFAULT_MAX_SIZE
     hwm: int = 1000
     max_queue: int = 10_000
+    # tasks the satellite's tracker follows at once (submitted here, not ended) past
+    # which the entry takes no new one: a flood is paced to the tracker, memory stays flat
+    max_live: int = 10_000
 
 
 @dataclass(frozen=True)
@@ -550,6 +553,7 @@ _DEFAULT_FIELDS: Final = (
     "max_message_size",
     "hwm",
     "max_queue",
+    "max_live",
 )
 
 
@@ -679,6 +683,7 @@ class _Loader:
             ),
             hwm=self.count(table, "hwm", where, base.hwm, 1, 10_000_000),
             max_queue=self.count(table, "max_queue", where, base.max_queue, 1, 100_000_000),
+            max_live=self.count(table, "max_live", where, base.max_live, 1, 100_000_000),
         )
 
     def satellites(self, value: object, directory: str) -> dict[str, Satellite]:

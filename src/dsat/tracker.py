@@ -178,6 +178,7 @@ class Tracker:
     ) -> tuple[list[list[bytes]], list[list[bytes]]]:
         """Apply what arrived; return confirmations and live messages, sent after the write."""
         confirms: dict[tuple[bytes, str], tuple[int, int, bool]] = {}
+        tracked: set[bytes] = set()
         published: list[list[bytes]] = []
         for _ in range(MAX_BATCHES):
             try:
@@ -193,6 +194,8 @@ class Tracker:
                 )
                 if message.kind == "load":
                     self._load(message.body)
+                    if message.body.get("role") == "orchester":
+                        tracked.add(peer)  # it paces new tasks to how many are live here
                     continue
                 if message.kind == "scale":
                     published.append(self._scale(message.body))
@@ -225,10 +228,13 @@ class Tracker:
             self.producers[producer] = (epoch, last)
             batch.producers[producer] = (epoch, last)
             confirms[(peer, producer)] = (epoch, last, False)
+        # every answer says how many tasks are live here: the entry's admission control
+        live = len(self.live)
         replies = [
-            [peer, *control("confirm", {"epoch": epoch, "upto": upto, "gap": gap})]
+            [peer, *control("confirm", {"epoch": epoch, "upto": upto, "gap": gap, "live": live})]
             for (peer, _), (epoch, upto, gap) in confirms.items()
         ]
+        replies.extend([peer, *control("tracked", {"live": live})] for peer in tracked)
         return replies, published
 
     def _apply(self, row: list[Any], batch: Batch) -> list[list[bytes]]:

@@ -187,3 +187,55 @@ def _total_rss(running: RunningSatellite) -> int:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += psutil.Process(pid).memory_info().rss
     return total
+
+
+PACED = """
+[satellite.local]
+runtime_dir = "RUNTIME"
+
+[store]
+url = "sqlite:///status.db"
+
+[defaults]
+max_live = 30
+
+[step.stuck]
+call = "work:stuck"
+entry = true
+"""
+
+
+def test_the_entry_takes_no_new_task_while_max_live_tasks_are_live_in_the_tracker(
+    satellite: Callable[..., RunningSatellite], capsys: pytest.CaptureFixture[str]
+) -> None:
+    # max_queue (10,000) leaves room: only the tracker's count of live tasks refuses
+    running = satellite(PACED, {"work": SLOW})
+    accepted: list[str] = []
+    refused: dsat.SaturatedError | None = None
+    most_live = 0
+    with running.client() as client:
+        for n in range(300):
+            try:
+                accepted.extend(
+                    client.submit_many("stuck", [{"n": n}] * 5, job_id="paced", timeout=0.3)
+                )
+            except dsat.SaturatedError as exc:
+                refused = exc
+                break
+            most_live = max(most_live, client.stats()["live"])
+        assert refused is not None, f"{len(accepted)} tasks accepted, none refused"
+        assert "tasks are live (max_live 30)" in str(refused)
+        # the entry's estimate counts what the tracker has not applied yet: no overshoot
+        assert 30 <= len(accepted) <= 40, len(accepted)
+        wait_until_ended(running, "paced", len(accepted), timeout=60)
+        # every task has ended and the entry has nothing more to report: it still
+        # learns that the tracker's live count fell (the tracker answers its load reports)
+        later = client.submit_many("stuck", [{"n": -1}] * 5, job_id="later", timeout=5.0)
+    figures = Figures("max_live")
+    tally(figures, read_outcome(running, accepted))
+    figures.extra.update(accepted=len(accepted), most_live=most_live)
+    print_figures(capsys, figures)
+    assert figures.lost == 0, log_tail(running)
+    assert figures.happy_end == len(accepted)
+    assert most_live <= 35
+    assert len(later) == 5

@@ -286,6 +286,15 @@ max_queue = 50
     assert topology.defaults.timeout == 5.0
 
 
+def test_max_live_defaults_to_ten_thousand_and_must_be_positive(write: Write) -> None:
+    assert load_topology(write(PIPELINE)).defaults.max_live == 10_000
+    assert load_topology(write(PIPELINE + "[defaults]\nmax_live = 50\n")).defaults.max_live == 50
+
+    found = problems_of(write(PIPELINE + "[defaults]\nmax_live = 0\n"))
+
+    assert has(found, "defaults", "max_live: need 1 <= max_live <= 100000000, got 0"), show(found)
+
+
 def test_steps_without_defaults_get_the_documented_ones(write: Write) -> None:
     cpu = load_topology(write(PIPELINE)).steps["cpu"]
 
