@@ -42,6 +42,7 @@ from dsat.topology import ORCHESTER, TRACKER, Topology, get_connection, load_top
 
 TERMINAL_STATES: Final = frozenset({"HAPPY_END", "FAILURE"})
 SUBMIT_CHUNK: Final = 1000
+KNOWN_WITHIN: Final = 2.0  # seconds a task just submitted may take to appear in the tracker
 
 
 class SubmitError(DsatError):
@@ -428,7 +429,7 @@ class Client:
         raw = self._known(task_id)
         return _state(raw, allow_pickle=self.allow_pickle)
 
-    def _known(self, task_id: str, patience: float = 2.0) -> dict[str, Any]:
+    def _known(self, task_id: str, patience: float = KNOWN_WITHIN) -> dict[str, Any]:
         """The tracker's view of a task; a task just submitted may need a moment to appear."""
         deadline = time.monotonic() + patience
         pause = 0.01
@@ -524,10 +525,17 @@ class Client:
         last = 0
         poll_every = 0.05
         try:
-            # one query gives the task, its events so far and whether it ended; an
-            # unknown task is an error, not an endless wait
-            raw: Mapping[str, Any] | None = self._known(task_id)
+            # One query gives the task, its events so far and whether it ended. A task
+            # just submitted may not be in the tracker yet: listen (its live events say
+            # it is) and ask again soon, rather than sleep; a task still unknown after
+            # KNOWN_WITHIN is an error, not an endless wait.
+            raw: Mapping[str, Any] | None = self._query_op("state", task_id=task_id)
+            unknown_until = time.monotonic() + KNOWN_WITHIN
+            if raw is None:
+                poll_every = 0.005
             while True:
+                if raw is None and last == 0 and time.monotonic() > unknown_until:
+                    raise DsatError(f"no task {task_id} on satellite {self.satellite or '?'}")
                 # What the store has (at first, and whenever the stream is quiet: the
                 # subscription takes a moment to start, and PUB drops under load).
                 stored = [_event(e) for e in raw["events"] if e["tseq"] > last] if raw else []

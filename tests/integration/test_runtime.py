@@ -569,6 +569,24 @@ def test_wait_takes_the_result_from_the_live_end_without_asking_again(
         assert client.state(task_id).result == {"done": 5}
 
 
+def test_following_a_task_the_tracker_never_heard_of_fails_after_a_moment(
+    satellite: Callable[..., RunningSatellite],
+) -> None:
+    """An unknown id is an error (after the moment a task just submitted may take)."""
+    running = satellite(NAP, {"nap": NAP_CODE})
+    with running.client() as client:
+        started = time.monotonic()
+        with pytest.raises(dsat.DsatError, match="no task 0123456789abcdef on satellite"):
+            client.wait("0123456789abcdef", timeout=30)
+        with pytest.raises(dsat.DsatError, match="no task 0123456789abcdef on satellite"):
+            list(client.status_for("0123456789abcdef", timeout=30))
+        waited = time.monotonic() - started
+        # and a real task, followed at once, is known and ends
+        task_id = client.submit("nap", {"n": 6, "sleep": 0.0})
+        assert client.wait(task_id, timeout=30) == {"done": 6}
+    assert 2 * dsat.client.KNOWN_WITHIN <= waited < 2 * dsat.client.KNOWN_WITHIN + 10
+
+
 def test_a_state_query_can_ask_only_for_the_events_a_follower_lacks(
     satellite: Callable[..., RunningSatellite],
 ) -> None:
