@@ -147,7 +147,6 @@ class TaskMachine:
         "failed",
         "forced",
         "heads",
-        "history",
         "job_id",
         "origin",
         "parents",
@@ -178,12 +177,14 @@ class TaskMachine:
         self.rooted = False
         self.ended = False
         self.forced = False  # ended by force_end: stays ended
-        self.failed: set[int] = set()
+        # A machine lives in the tracker as long as its task (and a while after): the
+        # history is one dict, and what only fan-outs and failures need is made then.
+        self.failed: set[int] | None = None  # branches that failed
         self.heads: dict[int, Head] = {}
-        self.history: list[tuple[Position, int, Event, int]] = []  # position, branch, event, tseq
-        self._seen: dict[tuple[int, int, int, int], Event] = {}
-        self._forks: set[int] = set()
-        self.parents: dict[int, int] = {}  # fanned-out branch -> the branch it came from
+        # every event seen once: (branch, seq, attempt, rank) -> (event, tseq)
+        self._seen: dict[tuple[int, int, int, int], tuple[Event, int]] = {}
+        self._forks: set[int] | None = None
+        self.parents: dict[int, int] | None = None  # fanned-out branch -> the branch it came from
         self._xor = 0
 
     @property
@@ -195,6 +196,14 @@ class TaskMachine:
     def over(self) -> bool:
         """Every branch has ended and every event of the history is there."""
         return self.ended
+
+    @property
+    def history(self) -> list[tuple[Position, int, Event, int]]:
+        """Every event seen once, as (position, branch, event, tseq), in arrival order."""
+        return [
+            ((seq, attempt, rank), branch, event, tseq)
+            for (branch, seq, attempt, rank), (event, tseq) in self._seen.items()
+        ]
 
     def problems(self) -> list[tuple[int, str]]:
         """Transitions of the history (so far) that cannot happen: (tseq, reason)."""
@@ -232,14 +241,14 @@ class TaskMachine:
         self.updated = max(self.updated, at)
         rank = RANK[event]
         key = (branch, seq, attempt, rank)
-        before = self._seen.get(key)
-        if before is not None:
+        seen = self._seen.get(key)
+        if seen is not None:
+            before = seen[0]
             self.duplicates += 1
             flag = "duplicate" if before is event else f"conflict: {event} where {before} was"
             return Outcome(self.tseq, flag, False)
-        self._seen[key] = event
+        self._seen[key] = (event, self.tseq)
         place = (seq, attempt, rank)
-        self.history.append((place, branch, event, self.tseq))
 
         if event is Event.INIT:
             self.rooted = True
@@ -251,11 +260,14 @@ class TaskMachine:
         elif event in TERMINAL:
             self._xor ^= branch
             if event is Event.FAILURE:
+                if self.failed is None:
+                    self.failed = set()
                 self.failed.add(branch)
                 self.error = error or self.error
         elif event is Event.RETRY:
             self._xor ^= branch
-            self.failed.discard(branch)
+            if self.failed is not None:
+                self.failed.discard(branch)
             self.forced = False
         if event in (Event.ERROR, Event.TIMEOUT) and error:
             self.error = error
@@ -279,8 +291,10 @@ class TaskMachine:
 
     def _fork(self, parent: int, children: list[int]) -> None:
         """A branch ended by splitting into children (once, whoever reports it first)."""
-        if parent in self._forks or children == [parent]:
+        if children == [parent] or (self._forks is not None and parent in self._forks):
             return
+        if self._forks is None or self.parents is None:
+            self._forks, self.parents = set(), {}
         self._forks.add(parent)
         self._xor ^= parent
         for child in children:

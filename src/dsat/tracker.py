@@ -95,6 +95,8 @@ class Tracker:
         self.store = store
         self.guard = guard
         self.stopping = False
+        # one packer for the hot path: msgpack.packb makes a new one per call
+        self.pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
         plan = get_connection(topology, TRACKER, satellite=satellite)
         max_size = topology.defaults.max_message_size
 
@@ -246,6 +248,7 @@ class Tracker:
             relay.add(row, batch)
             return []
         machine = self.live.get(task_id)
+        was_live = machine is not None
         if machine is None:
             machine = self._machine_for(row)
         was_over = machine.ended
@@ -278,7 +281,7 @@ class Tracker:
         stored = detail
         if "result" in detail or "payload" in detail:
             stored = {k: v for k, v in detail.items() if k not in ("result", "payload")}
-        packed = msgpack.packb(stored, use_bin_type=True) if stored else None
+        packed = self.pack(stored) if stored else None
         batch.events.append(
             (
                 task_id,
@@ -328,7 +331,8 @@ class Tracker:
         if machine.ended is False and machine.closed:
             self.closing.setdefault(task_id, time.monotonic())
         self.touched[task_id] = machine
-        self._file(machine)
+        if machine.ended or not was_live:
+            self._file(machine)  # it ended, or it (re)starts being live
         if task_id not in self.watched and not self.watch_all:
             return []  # nobody follows it live: do not even encode it
         live = {
@@ -351,7 +355,7 @@ class Tracker:
         if machine.ended:  # the end carries the results: a waiting client needs no query
             with contextlib.suppress(StoreError):  # without them, it asks
                 live["results"] = self._results_for(task_id, batch)
-        return [[task_id.encode(), PROTOCOL_FRAME, msgpack.packb(live, use_bin_type=True)]]
+        return [[task_id.encode(), PROTOCOL_FRAME, self.pack(live)]]
 
     def _results_for(self, task_id: str, batch: Batch) -> list[dict[str, Any]]:
         """A task's results: those stored, and those this cycle is about to store."""
@@ -429,23 +433,25 @@ class Tracker:
             self.touched[task_id] = machine
             self._file(machine)  # readers of the live stream see it end in the store
 
-    def _row(self, machine: TaskMachine) -> TaskRow:
-        return TaskRow(
-            task_id=machine.task_id,
-            job_id=machine.job_id,
-            origin=machine.origin,
-            state=str(machine.state),
-            step=machine.step,
-            attempt=machine.attempt,
-            error=machine.error,
-            created=machine.created,
-            updated=machine.updated,
-            ended=machine.updated if machine.over else None,
-            events=machine.tseq,
-            anomalies=machine.anomalies,
-            duplicates=machine.duplicates,
-            deadline=machine.deadline,
-            at_satellite=machine.where,
+    @staticmethod
+    def _row(machine: TaskMachine) -> tuple[Any, ...]:
+        """The task's row for the store, as its parameters (the fields of a TaskRow)."""
+        return (
+            machine.task_id,
+            machine.job_id,
+            machine.origin,
+            str(machine.state),
+            machine.step,
+            machine.attempt,
+            machine.error,
+            machine.created,
+            machine.updated,
+            machine.updated if machine.ended else None,
+            machine.tseq,
+            machine.anomalies,
+            machine.duplicates,
+            machine.deadline,
+            machine.where,
         )
 
     # -- loads

@@ -162,7 +162,7 @@ def snapshot(machine: TaskMachine) -> tuple[Any, ...]:
         machine.error,
         machine.closed,
         machine.over,
-        set(machine.failed),
+        set(machine.failed or ()),
         machine.problems(),
     )
 

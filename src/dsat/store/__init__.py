@@ -92,7 +92,8 @@ class Batch:
     # EventRows, or already the SQL parameters (the tracker's fast path): task_id, tseq,
     # branch, seq, attempt, event, step, where, wid, pid, at, packed detail or None, flag
     events: list[EventRow | tuple[Any, ...]] = field(default_factory=list)
-    tasks: dict[str, TaskRow] = field(default_factory=dict)  # upserts, last one wins
+    # upserts, last one wins: TaskRows, or their fields as a tuple (the tracker's fast path)
+    tasks: dict[str, TaskRow | tuple[Any, ...]] = field(default_factory=dict)
     results: list[ResultRow] = field(default_factory=list)
     dead_letters: list[DeadLetter] = field(default_factory=list)
     retried: list[str] = field(default_factory=list)  # dead letters sent again

@@ -171,7 +171,7 @@ class SqliteStore:
         try:
             # every value encoded before the transaction begins: a bad one fails alone
             events = [e if isinstance(e, tuple) else _event_params(e) for e in batch.events]
-            tasks = [_task_params(t) for t in batch.tasks.values()]
+            tasks = [t if isinstance(t, tuple) else _task_params(t) for t in batch.tasks.values()]
         except (TypeError, ValueError, OverflowError) as exc:
             raise StoreError(
                 f"store {self.path}: could not write {len(batch.events)} events: "
