@@ -153,6 +153,10 @@ class Tracker:
         self.last_load_published = 0.0
         self.last_malformed_log = 0.0
         self._rebuild()
+        # Tasks back from the store that nothing has reported on since: they count as
+        # live for the entry's admission only once an event shows they still move (a
+        # store may keep tasks whose journals are gone; they must not shut the entry).
+        self.silent: set[str] = set(self.live)
 
     # -- start
 
@@ -231,13 +235,17 @@ class Tracker:
             batch.producers[producer] = (epoch, last)
             confirms[(peer, producer)] = (epoch, last, False)
         # every answer says how many tasks are live here: the entry's admission control
-        live = len(self.live)
+        live = self.live_count()
         replies = [
             [peer, *control("confirm", {"epoch": epoch, "upto": upto, "gap": gap, "live": live})]
             for (peer, _), (epoch, upto, gap) in confirms.items()
         ]
         replies.extend([peer, *control("tracked", {"live": live})] for peer in tracked)
         return replies, published
+
+    def live_count(self) -> int:
+        """Tasks followed here, but not those back from the store that nobody reported on."""
+        return len(self.live) - len(self.silent)
 
     def _apply(self, row: list[Any], batch: Batch) -> list[list[bytes]]:
         """Apply one event row (see dsat.message.unpack_rows); the hot path of the tracker."""
@@ -247,6 +255,8 @@ class Tracker:
             # a task submitted on another satellite: its tracker keeps its history
             relay.add(row, batch)
             return []
+        if self.silent:
+            self.silent.discard(task_id)
         machine = self.live.get(task_id)
         was_live = machine is not None
         if machine is None:
@@ -370,6 +380,7 @@ class Tracker:
         task_id = machine.task_id
         if machine.over:
             self.live.pop(task_id, None)
+            self.silent.discard(task_id)
             self.closing.pop(task_id, None)
             self.ended[task_id] = machine
             self.ended.move_to_end(task_id)
