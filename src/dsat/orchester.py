@@ -40,6 +40,7 @@ from dsat.message import (
     control,
     decode,
     decode_control,
+    drain,
     dumps,
     encode,
     field_of,
@@ -106,6 +107,7 @@ class Orchester(FixedPoint):
         self.new_id = TaskIds()
         self.capacity = topology.defaults.max_queue
         self.max_live = topology.defaults.max_live
+        self.tracked_live = 0  # tasks live in the tracker, as its last answer said
         # tasks created whose INIT the tracker has not confirmed: (last event's number, count)
         self.unseen: collections.deque[tuple[int, int]] = collections.deque()
         self.forwarding: dict[Key, list[bytes]] = {}  # task key -> its INIT frames
@@ -147,11 +149,7 @@ class Orchester(FixedPoint):
     # -- requests
 
     def read_submit(self, submit: zmq.Socket[bytes]) -> None:
-        for _ in range(1000):
-            try:
-                frames = submit.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(submit, 1000):
             peer, frames = frames[0], frames[1:]
             ref: Any = None
             try:
@@ -348,7 +346,7 @@ class Orchester(FixedPoint):
             self.close()
 
     def heard_live(self, live: int, upto: int | None) -> None:
-        super().heard_live(live, upto)
+        self.tracked_live = live
         if upto is not None:  # the tracker counts those tasks among the live ones now
             while self.unseen and self.unseen[0][0] <= upto:
                 self.unseen.popleft()

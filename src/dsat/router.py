@@ -533,7 +533,6 @@ class FixedPoint:
         self.recent: collections.OrderedDict[Key, None] = collections.OrderedDict()
         self.last_load = 0.0
         self.malformed_logged = 0.0
-        self.tracked_live = 0  # tasks live in the tracker, as its last answer said
 
         self.journal = Journal(os.path.join(journal_dir, f"{node}.journal"))
         replay = self.journal.replay()
@@ -693,8 +692,8 @@ class FixedPoint:
                 self.reporter.confirmed(upto, time.monotonic(), gap=gap)
 
     def heard_live(self, live: int, upto: int | None) -> None:
-        """The tracker follows ``live`` tasks, having applied our events up to ``upto``."""
-        self.tracked_live = live
+        """The tracker follows ``live`` tasks, having applied our events up to ``upto``
+        (only the entry, which paces new tasks to it, does anything with that)."""
 
     def answers(self, socket: zmq.Socket[bytes], where: str) -> Iterator[tuple[Control, list[Key]]]:
         """The answers (ack, busy, release) waiting on a socket, with their keys."""
@@ -932,11 +931,7 @@ class Router(FixedPoint):
 
     def read_inbox(self, inbox: zmq.Socket[bytes]) -> None:
         remote = inbox in self.remote_inboxes
-        for _ in range(MAX_BATCH):
-            try:
-                frames = inbox.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for frames in drain(inbox, MAX_BATCH):
             peer, frames = frames[0], frames[1:]
             try:
                 vector = decode(frames, max_size=self.topology.defaults.max_message_size)
@@ -1356,11 +1351,7 @@ class QueueRouter(Router):
         return True
 
     def read_work(self) -> None:
-        for _ in range(MAX_BATCH):
-            try:
-                frames = self.work.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(self.work, MAX_BATCH):
             identity, frames = frames[0], frames[1:]
             try:
                 message = decode_control(

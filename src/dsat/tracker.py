@@ -186,11 +186,7 @@ class Tracker:
         confirms: dict[tuple[bytes, str], tuple[int, int, bool]] = {}
         tracked: set[bytes] = set()
         published: list[list[bytes]] = []
-        for _ in range(MAX_BATCHES):
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+        for frames in drain(socket, MAX_BATCHES):
             peer, frames = frames[0], frames[1:]
             try:
                 message = decode_control(
@@ -556,11 +552,7 @@ class Tracker:
     # -- queries
 
     def answer_queries(self, socket: zmq.Socket[bytes]) -> None:
-        for _ in range(256):
-            try:
-                frames = socket.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(socket, 256):
             peer, frames = frames[0], frames[1:]
             ref: Any = None
             try:

@@ -11,24 +11,12 @@ import time
 from pathlib import Path
 
 import zmq
+from trackerkit import tracker_and_producer
 
 from dsat.fsm import Event
 from dsat.message import EventRecord, control, decode_control, pack_records
-from dsat.store import Batch, TaskRow, open_store
-from dsat.topology import TRACKER, get_connection, load_topology
+from dsat.store import Batch, TaskRow
 from dsat.tracker import Tracker
-
-TOPOLOGY = """\
-[satellite.local]
-runtime_dir = "{runtime}"
-
-[store]
-url = "sqlite:///{store}"
-
-[step.s1]
-call = "math:sqrt"
-entry = true
-"""
 
 
 def _left_live(task_id: str) -> TaskRow:
@@ -69,20 +57,9 @@ def _confirmed_live(
 def test_tasks_left_live_in_the_store_count_only_once_something_reports_on_them(
     tmp_path: Path, ipc_dir: Path, zctx: zmq.Context[zmq.Socket[bytes]]
 ) -> None:
-    path = tmp_path / "topology.toml"
-    path.write_text(TOPOLOGY.format(runtime=ipc_dir / "rt", store=tmp_path / "status.db"))
-    topology = load_topology(path)
-    (ipc_dir / "rt").mkdir(mode=0o700)
-    url = topology.store_url("local")
     old = [f"{n:022d}" for n in range(5)]
-    store = open_store(url)
-    store.write(Batch(tasks={task_id: _left_live(task_id) for task_id in old}))
-    store.close()
-
-    tracker = Tracker(topology, satellite="local", context=zctx, store=open_store(url))
-    producer = zctx.socket(zmq.DEALER)
-    producer.connect(
-        get_connection(topology, TRACKER, satellite="local").socket("events").addresses[0]
+    tracker, producer = tracker_and_producer(
+        tmp_path, ipc_dir, zctx, stored=[_left_live(task_id) for task_id in old]
     )
     try:
         assert sorted(tracker.live) == old  # rebuilt: queries still see them

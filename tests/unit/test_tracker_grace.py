@@ -15,45 +15,25 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from trackerkit import tracker_and_producer
 
 from conftest import wait_for
 from dsat import tracker as tracker_module
 from dsat.fsm import Event
 from dsat.message import EventRecord, control, pack_records
-from dsat.store import Batch, open_store
-from dsat.topology import TRACKER, get_connection, load_topology
+from dsat.store import Batch
 from dsat.tracker import Tracker
-
-TOPOLOGY = """\
-[satellite.local]
-runtime_dir = "{runtime}"
-
-[store]
-url = "sqlite:///{store}"
-
-[step.s1]
-call = "math:sqrt"
-entry = true
-"""
 
 
 @pytest.fixture
 def fed(
     tmp_path: Path, ipc_dir: Path, zctx: zmq.Context[zmq.Socket[bytes]]
 ) -> Iterator[tuple[Tracker, zmq.Socket[bytes]]]:
-    path = tmp_path / "topology.toml"
-    path.write_text(TOPOLOGY.format(runtime=ipc_dir / "rt", store=tmp_path / "status.db"))
-    topology = load_topology(path)
-    (ipc_dir / "rt").mkdir(mode=0o700)  # dsat run makes it; here the test does
-    store = open_store(topology.store_url("local"))
-    tracker = Tracker(topology, satellite="local", context=zctx, store=store)
-    producer = zctx.socket(zmq.DEALER)
-    producer.connect(
-        get_connection(topology, TRACKER, satellite="local").socket("events").addresses[0]
-    )
+    tracker, producer = tracker_and_producer(tmp_path, ipc_dir, zctx)
     try:
         yield tracker, producer
     finally:
+        producer.close(linger=0)
         tracker.close()
 
 
