@@ -20,9 +20,11 @@ import multiprocessing
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any, Final
 
 import msgpack
+import psutil
 import zmq
 
 from bench import stages
@@ -138,17 +140,35 @@ class Chain:
         self.context.destroy(linger=0)
         shutil.rmtree(self.directory, ignore_errors=True)
 
+    def cpu(self) -> float:
+        """CPU seconds (user + system) the stages and the sink have used so far."""
+        used = 0.0
+        for process in self.processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                times = psutil.Process(process.pid).cpu_times()
+                used += times.user + times.system
+        return used
 
-def throughput(count: int) -> Run:
+
+@dataclass
+class CeilingRun(Run):
+    """A throughput run, and the CPU time its stages and sink spent per task (µs)."""
+
+    cpu_per_task: float = 0.0
+
+
+def throughput(count: int) -> CeilingRun:
     """Send ``count`` tasks through the chain as fast as it takes them."""
     chain = Chain(count, echo=False)
     try:
         text_payloads = (payload(i) for i in range(count))
+        cpu_before = chain.cpu()
         first = time.monotonic()
         for item in text_payloads:
             chain.push.send(msgpack.packb(item))
         report = msgpack.unpackb(chain.back.recv())
-        return Run(count, report["last"] - first, report["mismatches"])
+        cpu = (chain.cpu() - cpu_before) / count * 1e6
+        return CeilingRun(count, report["last"] - first, report["mismatches"], cpu_per_task=cpu)
     finally:
         chain.close()
 

@@ -85,7 +85,11 @@ def run_ceiling(plan: Plan, report: Report, *, latency: bool, throughput: bool =
             part.checked += run.tasks
             part.mismatches += run.mismatches
             report.add("ceiling tasks/s", "tasks/s", run.per_second)
-            say(f"  ceiling: {run.per_second:,.0f} tasks/s, {run.mismatches} mismatches")
+            report.add("ceiling CPU per task", "us", run.cpu_per_task)
+            say(
+                f"  ceiling: {run.per_second:,.0f} tasks/s, {run.mismatches} mismatches; "
+                f"CPU per task {run.cpu_per_task:,.1f} us"
+            )
         if latency:
             lat = ceiling.latency(plan.latency_tasks)
             part.checked += len(lat.samples)
@@ -109,9 +113,13 @@ def run_dsat(plan: Plan, report: Report, *, throughput: bool, latency: bool) -> 
                 vs_ceiling="ceiling tasks/s",
                 vs_celery="celery tasks/s",
             )
+            for role, micros in run.cpu_per_task.items():
+                vs = "ceiling CPU per task" if role == "total" else ""
+                report.add(f"dsat CPU per task, {role}", "us", micros, vs_ceiling=vs)
             say(
                 f"  dsat: {run.per_second:,.0f} tasks/s, {run.mismatches} mismatches, "
-                f"{run.anomalies} anomalies"
+                f"{run.anomalies} anomalies; CPU per task (us): "
+                + ", ".join(f"{role} {us:,.0f}" for role, us in run.cpu_per_task.items())
             )
         if latency:
             lat = pipeline.latency(satellite, plan.latency_tasks)

@@ -102,15 +102,25 @@ def check(satellite: Satellite, batch: Batch) -> Checked:
     return Checked(seen, mismatches, anomalies, last_end)
 
 
-def throughput(satellite: Satellite, count: int, *, job_id: str = "throughput") -> Run:
+@dataclass
+class PipelineRun(Run):
+    """A throughput run, and the CPU time each role spent per task, in microseconds."""
+
+    cpu_per_task: dict[str, float] = field(default_factory=dict)
+
+
+def throughput(satellite: Satellite, count: int, *, job_id: str = "throughput") -> PipelineRun:
     """``count`` tasks through a freshly started satellite."""
     with satellite.client() as client:
         before = _ended(client)
+        cpu_before = satellite.cpu()
         batch = submit(client, job_id, count)
         wait_ended(client, before + count, timeout=max(120.0, count / 50))
+        cpu_after = satellite.cpu()
     checked = check(satellite, batch)
     seconds = checked.last_end - batch.first_submit
-    return Run(count, seconds, checked.mismatches, checked.anomalies)
+    per_task = {role: (cpu_after[role] - cpu_before[role]) / count * 1e6 for role in cpu_after}
+    return PipelineRun(count, seconds, checked.mismatches, checked.anomalies, per_task)
 
 
 def latency(satellite: Satellite, count: int) -> LatencyRun:

@@ -154,6 +154,28 @@ class Satellite(Started):
                 return pid
         raise RuntimeError(f"no process for node {node} below dsat run")
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system) each node has used so far, by role: ``tracker``,
+        ``orchester``, ``queues`` and ``workers`` (summed), and ``total``."""
+        used = dict.fromkeys(("tracker", "orchester", "queues", "workers", "total"), 0.0)
+        for pid in self.tree():
+            try:
+                process = psutil.Process(pid)
+                cmdline = process.cmdline()
+                times = process.cpu_times()
+            except psutil.NoSuchProcess:
+                continue
+            if "dsat.node" not in cmdline or "--node" not in cmdline:
+                continue  # the supervisor: not part of the pipeline's work
+            node = cmdline[cmdline.index("--node") + 1]
+            role = node if node in ("tracker", "orchester") else "queues"
+            if "--wid" in cmdline:
+                role = "workers"
+            seconds = times.user + times.system
+            used[role] += seconds
+            used["total"] += seconds
+        return used
+
     @property
     def store(self) -> Path:
         return self.directory / "status.db"

@@ -7,6 +7,7 @@ what must hold is that every part runs and every result checks out.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,18 @@ def test_bench_smoke_checks_every_result() -> None:
         checked = next(line for line in output.splitlines() if line.startswith(part + " "))
         assert " 0 checked" not in checked, checked
     assert "FAILED" not in output, output
+    # where the time goes: CPU per task of each role (the clock ticks every 10 ms, so a
+    # role's share of a few hundred tasks may read 0; their sum may not)
+    spent = re.search(
+        r"CPU per task \(us\): tracker ([\d,.]+), orchester ([\d,.]+), "
+        r"queues ([\d,.]+), workers ([\d,.]+), total ([\d,.]+)",
+        output,
+    )
+    assert spent is not None, output
+    roles = [float(value.replace(",", "")) for value in spent.groups()]
+    assert roles[-1] > 0, spent.group(0)
+    assert abs(sum(roles[:-1]) - roles[-1]) <= 2, spent.group(0)  # rounded to 1 us each
+    assert re.search(r"ceiling: .* CPU per task [\d,.]+ us", output), output
 
 
 def test_bench_refuses_bad_arguments() -> None:
