@@ -36,6 +36,8 @@ from dsat.message import (
     decode_control,
     dumps,
     loads,
+    recv_frames,
+    send_frames,
 )
 from dsat.metrics import NodeLoad
 from dsat.topology import ORCHESTER, TRACKER, Topology, get_connection, load_topology
@@ -282,7 +284,7 @@ class Client:
     ) -> Any:
         ref = next(self._refs)
         body = {**body, "ref": ref}
-        socket.send_multipart(control(kind, body, *extra))
+        send_frames(socket, control(kind, body, *extra))
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
             left = deadline - time.monotonic()
@@ -293,7 +295,7 @@ class Client:
                     f"within {self.timeout:g}s: is `dsat run` running?"
                 )
             try:
-                reply = decode_control(socket.recv_multipart(), replies, max_extra=0)
+                reply = decode_control(recv_frames(socket), replies, max_extra=0)
             except MessageError as exc:
                 raise DsatError(f"bad answer from the satellite: {exc}") from exc
             if type(reply.body) is dict and reply.body.get("ref") == ref:
@@ -477,7 +479,7 @@ class Client:
                 left = 1.0 if deadline is None else deadline - time.monotonic()
                 if not sub.poll(int(max(0.0, left) * 1000) + 1):
                     continue
-                frames = sub.recv_multipart()
+                frames = recv_frames(sub)
                 if len(frames) != 3 or frames[0] != b"@pools":
                     continue
                 try:
@@ -586,7 +588,7 @@ class Client:
 
     def _read_live(self, sub: zmq.Socket[bytes]) -> tuple[EventInfo, list[Any] | None] | None:
         """A live event, and the task's results if it ended the task (None: not sent)."""
-        frames = sub.recv_multipart()
+        frames = recv_frames(sub)
         if len(frames) != 3:
             return None
         try:

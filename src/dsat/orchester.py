@@ -33,6 +33,7 @@ from dsat.errors import MessageError
 from dsat.fsm import ROOT, Event
 from dsat.journal import Entry, Key
 from dsat.message import (
+    NOBLOCK,
     PROTOCOL,
     SERIALIZATIONS,
     Envelope,
@@ -44,6 +45,8 @@ from dsat.message import (
     dumps,
     encode,
     field_of,
+    recv_frames,
+    send_frames,
 )
 from dsat.router import Context, FixedPoint, Pending, child_branch
 from dsat.topology import ORCHESTER, Kind, Topology, get_connection, resolve_call
@@ -460,7 +463,7 @@ class Source:
             "source": self.step.name,
         }
         try:
-            self.socket.send_multipart(control("submit", body, payload), zmq.NOBLOCK)
+            send_frames(self.socket, control("submit", body, payload), NOBLOCK)
             self.sent += 1
         except zmq.Again:
             self.skipped += 1  # the orchester is not taking anything: skip, count
@@ -471,7 +474,7 @@ class Source:
             return
         while True:
             try:
-                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(self.socket, NOBLOCK)
             except zmq.Again:
                 return
             try:
@@ -502,4 +505,4 @@ class Source:
             "at": time.time(),
         }
         with contextlib.suppress(zmq.Again):  # the next report says the same, and more
-            self.events.send_multipart(control("load", body), zmq.NOBLOCK)
+            send_frames(self.events, control("load", body), NOBLOCK)

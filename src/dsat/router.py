@@ -48,6 +48,7 @@ from dsat.errors import MessageError
 from dsat.fsm import Event
 from dsat.journal import Entry, Forward, Journal, Key
 from dsat.message import (
+    NOBLOCK,
     Control,
     Envelope,
     Outstanding,
@@ -60,6 +61,7 @@ from dsat.message import (
     encode,
     field_of,
     loads,
+    send_frames,
 )
 from dsat.topology import Kind, Step, Topology, get_connection, inbox_address
 from dsat.worker import Attempt, Task, conditions_of, function_of, run_attempt
@@ -158,8 +160,8 @@ class Reporter:
             "behind": len(self.outstanding.unsent),
         }
         try:
-            self.socket.send_multipart(
-                control("events", meta, msgpack.packb([r for _, r in batch])), zmq.NOBLOCK
+            send_frames(
+                self.socket, control("events", meta, msgpack.packb([r for _, r in batch])), NOBLOCK
             )
         except zmq.Again:
             self.outstanding.unsend(batch)  # the tracker is not keeping up: next cycle
@@ -365,7 +367,7 @@ class Outbox:
             self._schedule(item, now + 1.0)
             return
         try:
-            instance.socket.send_multipart(item.frames, zmq.NOBLOCK)
+            send_frames(instance.socket, item.frames, NOBLOCK)
         except zmq.Again:
             if not item.custody:
                 item.instance = None  # not connected, or its pipe is full: later, elsewhere
@@ -637,7 +639,7 @@ class FixedPoint:
         self.journal.flush()
         for socket, frames in self.outgoing:
             try:
-                socket.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(socket, frames, NOBLOCK)
             except zmq.Again:
                 pass  # an ack or busy a peer will ask for again; tasks are resent by timers
             except zmq.ZMQError as exc:
@@ -770,7 +772,7 @@ class FixedPoint:
         self.last_load = now
         # a busy tracker misses this one; the next report carries the same counters
         with contextlib.suppress(zmq.Again):
-            self.events_socket.send_multipart(control("load", self.load()), zmq.NOBLOCK)
+            send_frames(self.events_socket, control("load", self.load()), NOBLOCK)
 
     def next_timeout(self, now: float) -> float:
         due = min(
@@ -1544,7 +1546,7 @@ class QueueRouter(Router):
                 item.envelope = envelope
                 item.frames = encode(envelope, item.payload)
             try:
-                self.work.send_multipart([worker.identity, *item.frames], zmq.NOBLOCK)
+                send_frames(self.work, [worker.identity, *item.frames], NOBLOCK)
             except zmq.ZMQError:
                 self.queue.appendleft(key)  # it left meanwhile; its pidfd will tell
                 workers.remove(worker)

@@ -479,7 +479,7 @@ class Autoscaler:
     def _publish(self, pool: str, before: int, after: int, reason: str) -> None:
         import zmq
 
-        from dsat.message import control
+        from dsat.message import NOBLOCK, control, send_frames
 
         body = {
             "pool": pool,
@@ -489,7 +489,7 @@ class Autoscaler:
             "reason": reason,
         }
         with contextlib.suppress(zmq.Again):
-            self.report.send_multipart(control("scale", body), zmq.NOBLOCK)
+            send_frames(self.report, control("scale", body), NOBLOCK)
 
     def close(self) -> None:
         if self.client is not None:

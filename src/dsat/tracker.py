@@ -40,6 +40,7 @@ from dsat.message import (
     DETAIL,
     EVENT,
     JOB_ID,
+    NOBLOCK,
     ORIGIN,
     PID,
     PROTOCOL,
@@ -55,6 +56,7 @@ from dsat.message import (
     decode_control,
     drain,
     field_of,
+    send_frames,
     unpack_rows,
 )
 from dsat.store import Batch, DeadLetter, EventRow, ResultRow, Store, StoreError, TaskRow
@@ -565,7 +567,7 @@ class Tracker:
                 reply = {"ref": ref, "ok": False, "error": str(exc)}
             except StoreError as exc:
                 reply = {"ref": ref, "ok": False, "error": str(exc)}
-            socket.send_multipart([peer, *control("reply", reply)])
+            send_frames(socket, [peer, *control("reply", reply)])
 
     def _query(self, body: Any) -> Any:
         op = field_of(body, "op", str, "query")
@@ -657,7 +659,7 @@ class Tracker:
                 if batch:
                     self.store.write(batch)  # then, only then, confirm and publish
                 for socket, frames in replies:
-                    socket.send_multipart(frames)
+                    send_frames(socket, frames)
                 for frames in published:
                     self.publish(frames)
                 now = time.monotonic()
@@ -684,7 +686,7 @@ class Tracker:
         """Subscriptions to task ids (and ``@pools``...) from clients following tasks live."""
         for _ in range(10_000):
             try:
-                message = socket.recv(zmq.NOBLOCK)
+                message = socket.recv(NOBLOCK)
             except zmq.Again:
                 return
             if not message or message[0] not in (0, 1):
@@ -699,7 +701,7 @@ class Tracker:
 
     def publish(self, frames: list[bytes]) -> None:
         for socket in self.pubs:
-            socket.send_multipart(frames)
+            send_frames(socket, frames)
 
     def publish_load(self) -> None:
         now = time.monotonic()
@@ -841,7 +843,7 @@ class Relay:
                 "relayed": len(self.outstanding),
             }
             with contextlib.suppress(zmq.Again):
-                self.socket.send_multipart(control("load", beat), zmq.NOBLOCK)
+                send_frames(self.socket, control("load", beat), NOBLOCK)
         batch = self.outstanding.batch(now, 2000)
         if not batch:
             return
@@ -850,7 +852,7 @@ class Relay:
             [msgpack.unpackb(r, raw=False) for _, r in batch], use_bin_type=True
         )
         try:
-            self.socket.send_multipart(control("events", meta, records), zmq.NOBLOCK)
+            send_frames(self.socket, control("events", meta, records), NOBLOCK)
         except zmq.Again:
             self.outstanding.unsend(batch)
             return

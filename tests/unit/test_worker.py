@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import operator
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -298,6 +301,39 @@ def test_a_previous_alarm_handler_is_put_back() -> None:
         assert calls == []
     finally:
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_worker_owns_the_alarm_and_each_try_still_times_out() -> None:
+    # a worker sets the handler once (own_alarm); its tries then leave it in place, and a
+    # function that sets its own handler gets ours back for the next try. In a child
+    # process: this one keeps its SIGALRM as it was.
+    script = textwrap.dedent(
+        """
+        import signal, time
+        from dsat.worker import Task, _on_alarm, own_alarm, run_attempt, state_wrapper
+
+        task = Task("t", "j", "s", 1, "local")
+        own_alarm()
+        assert run_attempt(state_wrapper(lambda x: x + 1), 1, task, 1.0).value == 2
+        assert signal.getsignal(signal.SIGALRM) is _on_alarm
+        slow = run_attempt(state_wrapper(lambda x: time.sleep(5)), 1, task, 0.05)
+        assert slow.status == "TIMEOUT", slow
+        assert signal.getsignal(signal.SIGALRM) is _on_alarm
+
+        def rude(x):
+            signal.signal(signal.SIGALRM, signal.SIG_IGN)  # the function takes it over
+            return x
+
+        run_attempt(state_wrapper(rude), 1, task, 1.0)
+        again = run_attempt(state_wrapper(lambda x: time.sleep(5)), 1, task, 0.05)
+        assert again.status == "TIMEOUT", again
+        print("ok")
+        """
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
 
 
 def busy_for(seconds: float) -> StepFunction:
