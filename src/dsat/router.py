@@ -1530,7 +1530,8 @@ class QueueRouter(Router):
             return  # downstream is full: hold on to what we have, push back upstream
         depth = self.depth()
         workers = [w for w in self.workers.values() if not w.leaving]
-        now = time.monotonic()
+        # what each worker gets this cycle goes in one message: its task messages, in order
+        bundles: dict[bytes, list[Item]] = {}
         while self.queue and workers:
             # round robin: the next worker with room, the least loaded first
             worker = min(workers, key=lambda w: len(w.held))
@@ -1545,17 +1546,30 @@ class QueueRouter(Router):
                 envelope = _with_attempt(envelope, item.attempt)
                 item.envelope = envelope
                 item.frames = encode(envelope, item.payload)
-            try:
-                send_frames(self.work, [worker.identity, *item.frames], NOBLOCK)
-            except zmq.ZMQError:
-                self.queue.appendleft(key)  # it left meanwhile; its pidfd will tell
-                workers.remove(worker)
-                continue
             worker.held[key] = None
             item.state = "held"
             item.worker = worker.identity
-            if worker.running == key:
-                self.start(worker, item, now)
+            bundles.setdefault(worker.identity, []).append(item)
+        now = time.monotonic()
+        for identity, items in bundles.items():
+            worker = self.workers[identity]
+            frames = [identity]
+            for item in items:
+                frames += item.frames
+            try:
+                send_frames(self.work, frames, NOBLOCK)
+            except zmq.ZMQError:
+                # it left meanwhile (its pidfd will tell): the tasks go back, in order
+                for item in reversed(items):
+                    worker.held.pop(item.key, None)
+                    item.state = "queued"
+                    item.worker = b""
+                    self.queue.appendleft(item.key)
+                continue
+            running = worker.running
+            for item in items:
+                if item.key == running:
+                    self.start(worker, item, now)
         self.propagate(now)
 
     @property

@@ -282,15 +282,28 @@ class Worker:
                 continue
             frames = recv_frames(self.socket)
             last_heard = time.monotonic()
+            self._run_bundle(frames)
+            if time.monotonic() - last_heard > HEARTBEAT:
+                self._announce()
+        send_frames(self.socket, control("bye", {"pid": os.getpid(), "wid": self.wid}))
+
+    def _run_bundle(self, frames: list[bytes]) -> None:
+        """Run the tasks of one message from the router, in order: one task message (three
+        frames) or several, all it gave this worker in one cycle. Each is answered as
+        soon as it ends: a result finished is never held back, lost if the process dies."""
+        if not frames or len(frames) % 3:
+            log.warning("ignored a malformed message from the router: %d frames", len(frames))
+            return
+        max_size = self.topology.defaults.max_message_size
+        for start in range(0, len(frames), 3):
+            if self.stopping:
+                return  # asked to leave: the router takes back what was not started
             try:
-                vector = decode(frames, max_size=self.topology.defaults.max_message_size)
+                vector = decode(frames[start : start + 3], max_size=max_size)
             except MessageError as exc:
                 log.warning("ignored a malformed message from the router: %s", exc)
                 continue
             self._answer(vector.envelope, vector.payload)
-            if time.monotonic() - last_heard > HEARTBEAT:
-                self._announce()
-        send_frames(self.socket, control("bye", {"pid": os.getpid(), "wid": self.wid}))
 
     def _announce(self) -> None:
         body = {"free": self.capacity, "pid": os.getpid(), "wid": self.wid}

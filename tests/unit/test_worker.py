@@ -333,7 +333,8 @@ def test_a_worker_owns_the_alarm_and_each_try_still_times_out() -> None:
     run = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
     )
-    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.strip() == "ok", run.stdout + run.stderr
 
 
 def busy_for(seconds: float) -> StepFunction:

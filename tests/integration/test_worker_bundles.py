@@ -1,0 +1,129 @@
+"""A worker process and its queue's side of the work socket: bundles of tasks.
+
+A queue router gives a worker everything it has for it in one cycle as one
+message (several task messages of three frames each, one after the other). Here
+the test plays the queue router: a real ROUTER socket where the worker's queue
+binds it, and a real worker process (``python -m dsat.node``) started beside it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import zmq
+
+from dsat.message import Envelope, decode_control, dumps, encode, recv_frames
+from dsat.topology import get_connection, load_topology
+
+TOPOLOGY = """
+[satellite.local]
+runtime_dir = "{runtime}"
+
+[store]
+url = "sqlite:///status.db"
+
+[step.double]
+call = "steps:double"
+entry = true
+"""
+
+STEPS = """
+def double(n):
+    if n < 0:
+        raise ValueError("negative")
+    return n * 2
+"""
+
+
+@pytest.fixture
+def worker_socket(tmp_path: Path, ipc_dir: Path) -> Iterator[zmq.Socket[bytes]]:
+    """The queue's work socket, bound; a worker process connected to it (stopped by pid)."""
+    (tmp_path / "steps.py").write_text(STEPS)
+    path = tmp_path / "topology.toml"
+    path.write_text(TOPOLOGY.format(runtime=ipc_dir))
+    topology = load_topology(path)
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    work = context.socket(zmq.ROUTER)
+    work.setsockopt(zmq.LINGER, 0)
+    work.setsockopt(zmq.RCVTIMEO, 10_000)
+    for address in get_connection(topology, "double", satellite="local").socket("work").addresses:
+        work.bind(address)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dsat.node",
+            "--topology",
+            str(path),
+            "--satellite",
+            "local",
+            "--node",
+            "double",
+            "--wid",
+            "double.1",
+        ],
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    try:
+        yield work
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+        context.destroy(linger=0)
+
+
+def task(n: int, value: Any) -> list[bytes]:
+    envelope = Envelope(task_id=f"task{n:04d}", job_id="j", seq=1, step="", next="double")
+    return encode(envelope, dumps(value))
+
+
+def answer(work: zmq.Socket[bytes]) -> tuple[bytes, str, Any, tuple[bytes, ...]]:
+    identity, *frames = recv_frames(work)
+    message = decode_control(frames, frozenset({"credit", "result", "bye"}))
+    return identity, message.kind, message.body, message.extra
+
+
+def test_a_worker_runs_every_task_of_a_bundle_in_order_and_answers_each(
+    worker_socket: zmq.Socket[bytes],
+) -> None:
+    work = worker_socket
+    identity, kind, body, _ = answer(work)
+    assert kind == "credit"
+    assert body["free"] >= 1
+    values = [1, 2, -1, 4]  # the third fails: an ERROR, and the bundle goes on
+    bundle = [identity]
+    for n, value in enumerate(values):
+        bundle += task(n, value)
+    work.send_multipart(bundle)
+    results = []
+    while len(results) < len(values):
+        _, kind, body, extra = answer(work)
+        if kind == "result":
+            results.append((body["key"][0], body["status"], extra))
+    assert [r[0] for r in results] == [f"task{n:04d}" for n in range(len(values))]
+    assert [r[1] for r in results] == ["END", "END", "ERROR", "END"]
+    assert [msgpack.unpackb(r[2][0]) for r in results if r[1] == "END"] == [2, 4, 8]
+
+    # a message that is not whole task messages is refused alone: the worker goes on
+    work.send_multipart([identity, *task(9, 1)[:2]])
+    work.send_multipart([identity, *task(10, 21)])
+    deadline = time.monotonic() + 10
+    while True:
+        _, kind, body, extra = answer(work)
+        if kind == "result":
+            break
+        assert time.monotonic() < deadline
+    assert body["key"][0] == "task0010"
+    assert msgpack.unpackb(extra[0]) == 42
