@@ -75,16 +75,32 @@ def _cycle(tracker: Tracker) -> None:
     tracker.store.write(batch)
 
 
+def _closing_while_behind(
+    tracker: Tracker,
+    producer: zmq.Socket[bytes],
+    task_id: str,
+    records: list[EventRecord],
+    behind: int,
+) -> None:
+    """Send a task's events from a producer that says ``behind`` more are coming; wait
+    until the tracker holds the task as closing (its history incomplete)."""
+    _send(producer, records, first=1, behind=behind)
+    wait_for(lambda: (_cycle(tracker), task_id in tracker.closing)[1], timeout=5)
+
+
+def _short_grace(monkeypatch: pytest.MonkeyPatch, behind_for: float) -> None:
+    monkeypatch.setattr(tracker_module, "END_GRACE", 0.3)
+    monkeypatch.setattr(tracker_module, "BEHIND_FOR", behind_for)
+
+
 def test_a_task_missing_events_waits_while_a_producer_is_behind(
     fed: tuple[Tracker, zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tracker, producer = fed
-    monkeypatch.setattr(tracker_module, "END_GRACE", 0.3)
-    monkeypatch.setattr(tracker_module, "BEHIND_FOR", 3.0)
+    _short_grace(monkeypatch, behind_for=3.0)
     task_id = "0" * 22
     events = _records(task_id, with_s1_hop=False)
-    _send(producer, events, first=1, behind=5000)  # "more of mine are coming"
-    wait_for(lambda: (_cycle(tracker), task_id in tracker.closing)[1], timeout=5)
+    _closing_while_behind(tracker, producer, task_id, events, behind=5000)  # more coming
     time.sleep(0.4)  # past the grace, but the producer is behind: no forced end
     _cycle(tracker)
     machine = tracker.live[task_id]
@@ -108,14 +124,12 @@ def test_the_missing_events_arriving_late_end_the_task_without_anomaly(
     fed: tuple[Tracker, zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tracker, producer = fed
-    monkeypatch.setattr(tracker_module, "END_GRACE", 0.3)
-    monkeypatch.setattr(tracker_module, "BEHIND_FOR", 5.0)
+    _short_grace(monkeypatch, behind_for=5.0)
     task_id = "1" * 22
     whole = _records(task_id, with_s1_hop=True)
     hop = [e for e in whole if e.event in (Event.ACK, Event.START)]
     rest = [e for e in whole if e not in hop]
-    _send(producer, rest, first=1, behind=2)
-    wait_for(lambda: (_cycle(tracker), task_id in tracker.closing)[1], timeout=5)
+    _closing_while_behind(tracker, producer, task_id, rest, behind=2)
     time.sleep(0.5)  # longer than the grace: only the producer's backlog holds it
     _cycle(tracker)
     _send(producer, hop, first=len(rest) + 1, behind=0)
