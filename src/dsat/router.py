@@ -92,6 +92,7 @@ PROPAGATE_WINDOW: Final = 8  # tasks offered to peer satellites at a time
 BACKLOG_PER_WORKER: Final = 4  # queued tasks per worker a multi-satellite step keeps
 PREFETCH: Final = 0.02  # seconds of work a worker may have waiting in hand (short tasks)
 PREFETCH_MAX: Final = 64
+DEPTH_EVERY: Final = 32  # tasks ended between two looks at the typical duration
 DEATH_GRACE: Final = 0.1  # seconds a dead worker's last messages get to arrive
 
 
@@ -1189,6 +1190,7 @@ class QueueRouter(Router):
 
     def __init__(self, topology: Topology, node: str, **kwargs: Any) -> None:
         super().__init__(topology, node, **kwargs)
+        self._depth: tuple[int, int] | None = None  # (tasks done when taken, depth)
         self.work = self.context.socket(zmq.ROUTER)
         configure(self.work, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size)
         self.work.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished worker is an error, not a drop
@@ -1392,12 +1394,20 @@ class QueueRouter(Router):
         worker.capacity = max(1, min(free, 1024))
 
     def depth(self) -> int:
-        """Tasks a worker may hold: enough to cover PREFETCH seconds of work, one if slow."""
+        """Tasks a worker may hold: enough to cover PREFETCH seconds of work, one if slow.
+
+        The typical duration is the median of the last ones, taken again after every
+        DEPTH_EVERY that ended (sorting them at every dispatch cost more than a task).
+        """
         durations = self.counters.durations
         if len(durations) < 8:
             return 1
-        typical = sorted(durations)[len(durations) // 2]
-        return max(1, min(PREFETCH_MAX, int(PREFETCH / max(typical, 1e-6))))
+        done = self.counters.done
+        if self._depth is None or done - self._depth[0] >= DEPTH_EVERY:
+            typical = sorted(durations)[len(durations) // 2]
+            depth = max(1, min(PREFETCH_MAX, int(PREFETCH / max(typical, 1e-6))))
+            self._depth = (done, depth)
+        return self._depth[1]
 
     def start(self, worker: WorkerInfo, item: Item, now: float) -> None:
         """The task reached the front of its worker: it runs now (START)."""
@@ -1526,8 +1536,8 @@ class QueueRouter(Router):
         self.failed_attempt(item, error)
 
     def dispatch(self) -> None:
-        if len(self.outbox.pending) >= self.step_def.max_queue:
-            return  # downstream is full: hold on to what we have, push back upstream
+        if not self.queue or len(self.outbox.pending) >= self.step_def.max_queue:
+            return  # nothing to start, or downstream is full: push back upstream
         depth = self.depth()
         workers = [w for w in self.workers.values() if not w.leaving]
         # what each worker gets this cycle goes in one message: its task messages, in order
