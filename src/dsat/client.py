@@ -30,6 +30,7 @@ from dsat.errors import DsatError, MessageError
 from dsat.fsm import RANK, Event
 from dsat.message import (
     DEFAULT_MAX_SIZE,
+    END_TOPIC,
     check_protocol,
     configure,
     control,
@@ -517,11 +518,15 @@ class Client:
             yield event
 
     def _follow(
-        self, task_id: str, timeout: float | None
+        self, task_id: str, timeout: float | None, *, ends_only: bool = False
     ) -> Iterator[tuple[EventInfo, list[Any] | None]]:
-        """status_for's events, each with the task's results if it came live and ended it."""
+        """status_for's events, each with the task's results if it came live and ended it.
+
+        ``ends_only``: listen only for the event that ends the task (the tracker then
+        publishes that one alone, not every event); the events before it may be skipped.
+        """
         sub = self._subscriber()
-        topic = task_id.encode()
+        topic = (END_TOPIC if ends_only else b"") + task_id.encode()
         sub.setsockopt(zmq.SUBSCRIBE, topic)
         deadline = time.monotonic() + timeout if timeout is not None else None
         last = 0
@@ -566,7 +571,7 @@ class Client:
                     live, results = received
                     if live.task_id != task_id or live.tseq <= last:
                         continue
-                    if live.tseq > last + 1:  # missed some: take them from the store
+                    if live.tseq > last + 1 and not ends_only:  # missed some: from the store
                         for missed in self._stored_events(task_id, last):
                             if missed.tseq >= live.tseq:
                                 break
@@ -606,7 +611,7 @@ class Client:
             TaskFailedError: it ended in FAILURE.
             WaitTimeoutError: it did not end within ``timeout`` seconds.
         """
-        for event, results in self._follow(task_id, timeout):
+        for event, results in self._follow(task_id, timeout, ends_only=True):
             if event.over:
                 if event.state == "HAPPY_END" and results is not None:
                     # it ended live, and the end brought the results: no query needed

@@ -67,6 +67,9 @@ T = TypeVar("T")
 
 PROTOCOL: Final = Version(1, 0, "0")
 PROTOCOL_FRAME: Final = str(PROTOCOL).encode("ascii")
+# The tracker's live stream: topic = a task id for every event of that task;
+# END_TOPIC + a task id for only the event that ends it (what Client.wait listens to).
+END_TOPIC: Final = b"="
 DEFAULT_MAX_SIZE: Final = 16 * 1024 * 1024
 SERIALIZATIONS: Final = ("msgpack", "json", "raw", "pickle")
 MAX_ID_LENGTH: Final = 64

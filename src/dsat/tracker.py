@@ -38,6 +38,7 @@ from dsat.message import (
     ATTEMPT,
     BRANCH,
     DETAIL,
+    END_TOPIC,
     EVENT,
     JOB_ID,
     NOBLOCK,
@@ -141,6 +142,7 @@ class Tracker:
         self.absent: set[str] = set()  # tasks of the batch at hand the store does not have
         self.touched: dict[str, TaskMachine] = {}  # tasks this cycle changed: one row each
         self.watched: set[str] = set()  # task ids someone follows live (XPUB subscriptions)
+        self.awaited: set[str] = set()  # task ids someone waits for the end of
         self.watch_all = False
         self.producers: dict[str, tuple[int, int]] = store.producers()
         self.loads: dict[str, collections.deque[dict[str, Any]]] = {}
@@ -341,8 +343,10 @@ class Tracker:
         self.touched[task_id] = machine
         if machine.ended or not was_live:
             self._file(machine)  # it ended, or it (re)starts being live
-        if task_id not in self.watched and not self.watch_all:
-            return []  # nobody follows it live: do not even encode it
+        watched = self.watch_all or task_id in self.watched
+        awaited = machine.ended and task_id in self.awaited
+        if not watched and not awaited:
+            return []  # nobody follows it live, or waits for this: do not even encode it
         live = {
             "task_id": task_id,
             "tseq": outcome.tseq,
@@ -363,7 +367,12 @@ class Tracker:
         if machine.ended:  # the end carries the results: a waiting client needs no query
             with contextlib.suppress(StoreError):  # without them, it asks
                 live["results"] = self._results_for(task_id, batch)
-        return [[task_id.encode(), PROTOCOL_FRAME, self.pack(live)]]
+        body = self.pack(live)
+        topic = task_id.encode()
+        published = [[topic, PROTOCOL_FRAME, body]] if watched else []
+        if awaited:
+            published.append([END_TOPIC + topic, PROTOCOL_FRAME, body])
+        return published
 
     def _results_for(self, task_id: str, batch: Batch) -> list[dict[str, Any]]:
         """A task's results: those stored, and those this cycle is about to store."""
@@ -640,50 +649,55 @@ class Tracker:
         try:
             while True:
                 ready = dict(self.poller.poll(100))
-                batch = Batch()
-                replies: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
-                published: list[list[bytes]] = []
-                for socket in self.events:
-                    if socket in ready:
-                        confirms, live = self.read_events(socket, batch)
-                        replies.extend((socket, frames) for frames in confirms)
-                        published.extend(live)
-                for relay in self.relays.values():
-                    if relay.socket in ready:
-                        relay.read(batch)
-                if self.closing:
-                    self.end_overdue(batch)
-                if self.touched:
-                    batch.tasks = {t: self._row(m) for t, m in self.touched.items()}
-                    self.touched = {}
-                if batch:
-                    self.store.write(batch)  # then, only then, confirm and publish
-                for socket, frames in replies:
-                    send_frames(socket, frames)
-                for frames in published:
-                    self.publish(frames)
-                now = time.monotonic()
-                for relay in self.relays.values():
-                    relay.send(now)
-                for socket in self.query:
-                    if socket in ready:
-                        self.answer_queries(socket)
-                for socket in self.pubs:
-                    if socket in ready:
-                        self.read_subscriptions(socket)
-                if self.guard is not None:
-                    for monitor in self.guard.monitors:
-                        if monitor in ready:
-                            self.guard.read(monitor)
-                self.publish_load()
-                self.prune()
+                self.turn(ready)
                 if self.stopping and not ready:
                     return
         finally:
             self.close()
 
+    def turn(self, ready: dict[Any, int]) -> None:
+        """One cycle: apply what arrived, write it, then confirm and publish; answer queries."""
+        batch = Batch()
+        replies: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
+        published: list[list[bytes]] = []
+        for socket in self.events:
+            if socket in ready:
+                confirms, live = self.read_events(socket, batch)
+                replies.extend((socket, frames) for frames in confirms)
+                published.extend(live)
+        for relay in self.relays.values():
+            if relay.socket in ready:
+                relay.read(batch)
+        if self.closing:
+            self.end_overdue(batch)
+        if self.touched:
+            batch.tasks = {t: self._row(m) for t, m in self.touched.items()}
+            self.touched = {}
+        if batch:
+            self.store.write(batch)  # then, only then, confirm and publish
+        for socket, frames in replies:
+            send_frames(socket, frames)
+        for frames in published:
+            self.publish(frames)
+        now = time.monotonic()
+        for relay in self.relays.values():
+            relay.send(now)
+        for socket in self.query:
+            if socket in ready:
+                self.answer_queries(socket)
+        for socket in self.pubs:
+            if socket in ready:
+                self.read_subscriptions(socket)
+        if self.guard is not None:
+            for monitor in self.guard.monitors:
+                if monitor in ready:
+                    self.guard.read(monitor)
+        self.publish_load()
+        self.prune()
+
     def read_subscriptions(self, socket: zmq.Socket[bytes]) -> None:
-        """Subscriptions to task ids (and ``@pools``...) from clients following tasks live."""
+        """Subscriptions from clients: to task ids (every event of the task, live), to
+        "=" + a task id (only the event that ends it), to ``@pools``..."""
         for _ in range(10_000):
             try:
                 message = socket.recv(NOBLOCK)
@@ -694,6 +708,12 @@ class Tracker:
             topic = message[1:].decode(errors="replace")
             if topic == "":
                 self.watch_all = message[0] == 1
+            elif message[1:].startswith(END_TOPIC):
+                task_id = topic[len(END_TOPIC) :]
+                if message[0] == 1:
+                    self.awaited.add(task_id)
+                else:
+                    self.awaited.discard(task_id)
             elif message[0] == 1:
                 self.watched.add(topic)
             else:
