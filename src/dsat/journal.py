@@ -37,7 +37,7 @@ from typing import Any, Final
 import msgpack
 
 from dsat.errors import DsatError, MessageError
-from dsat.message import EventRecord, record_from_row
+from dsat.message import EventRecord, packb, record_from_row
 
 Key = tuple[str, int, int]  # task_id, branch, seq: one task at one hop
 _LENGTH: Final = struct.Struct(">I")
@@ -191,7 +191,7 @@ class Journal:
         self._append(["confirmed", eseq])
 
     def _append(self, item: list[Any]) -> None:
-        packed = msgpack.packb(item, use_bin_type=True)
+        packed = packb(item)
         self._pending.append(_LENGTH.pack(len(packed)) + packed)
 
     def flush(self) -> None:

@@ -39,7 +39,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-import msgpack
 import zmq
 
 from dsat import curve
@@ -61,6 +60,7 @@ from dsat.message import (
     encode,
     field_of,
     loads,
+    packb,
     send_frames,
 )
 from dsat.topology import Kind, Step, Topology, get_connection, inbox_address
@@ -161,9 +161,7 @@ class Reporter:
             "behind": len(self.outstanding.unsent),
         }
         try:
-            send_frames(
-                self.socket, control("events", meta, msgpack.packb([r for _, r in batch])), NOBLOCK
-            )
+            send_frames(self.socket, control("events", meta, packb([r for _, r in batch])), NOBLOCK)
         except zmq.Again:
             self.outstanding.unsend(batch)  # the tracker is not keeping up: next cycle
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
+import threading
 from typing import Any
 
 import msgpack
@@ -21,6 +22,7 @@ from dsat.message import (
     dumps,
     encode,
     loads,
+    packb,
 )
 
 ENVELOPE = Envelope(
@@ -87,6 +89,32 @@ def test_a_pickle_payload_is_never_unpickled_when_disabled() -> None:
 
     with pytest.raises(MessageError):
         loads(pickle.dumps(Boom()), "pickle")
+
+
+def test_the_reused_packer_packs_as_msgpack_does_even_after_a_failure() -> None:
+    values: list[Any] = [{"a": [1, 2.5, b"x", None]}, "t" * 70_000, [True, -1, 2**63 - 1]]
+    for value in values:
+        assert packb(value) == msgpack.packb(value, use_bin_type=True)
+    with pytest.raises(TypeError):
+        packb([1, 2, object()])  # fails half-way through the array
+    assert packb([3]) == msgpack.packb([3])  # nothing of the failed one is left over
+
+
+def test_threads_pack_with_their_own_packer() -> None:
+    wrong: list[Any] = []
+
+    def pack_many(n: int) -> None:
+        for i in range(2_000):
+            value = {"thread": n, "i": i, "text": "x" * (i % 300)}
+            if msgpack.unpackb(packb(value)) != value:
+                wrong.append(value)
+
+    threads = [threading.Thread(target=pack_many, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert wrong == []
 
 
 def test_unencodable_values_raise_message_error() -> None:
