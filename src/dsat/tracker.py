@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -77,6 +78,12 @@ POOLS_TOPIC: Final = b"@pools"  # autoscaling decisions, live
 DECISIONS_KEPT: Final = 200
 PEER_SILENT: Final = 5.0  # a satellite not heard from for this long: its tasks are UNKNOWN
 RELAY_CONFIRM_TIMEOUT: Final = 2.0
+# Confirmations of a light cycle wait this long to leave together with later ones: at
+# light load every batch is a few events, and each confirmation on its own woke its
+# router for a whole cycle. A cycle that applied CONFIRM_AT_ONCE events or more (load)
+# sends them at once, so a producer's window keeps moving.
+CONFIRM_LINGER: Final = 0.02
+CONFIRM_AT_ONCE: Final = 256
 PRUNE_EVERY: Final = 600.0
 LOAD_WINDOW: Final = 10.0  # seconds of load reports kept, for rates
 
@@ -155,6 +162,9 @@ class Tracker:
         self.applied = 0
         self.last_prune = 0.0
         self.last_load_published = 0.0
+        # confirmations held back (CONFIRM_LINGER), and since when the oldest waits
+        self.held: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
+        self.held_since = 0.0
         self.last_malformed_log = 0.0
         self._rebuild()
         # Tasks back from the store that nothing has reported on since: they count as
@@ -648,9 +658,14 @@ class Tracker:
     def run(self) -> None:
         try:
             while True:
-                ready = dict(self.poller.poll(100))
+                timeout = 100
+                if self.held:
+                    left = self.held_since + CONFIRM_LINGER - time.monotonic()
+                    timeout = max(0, min(timeout, math.ceil(left * 1000)))
+                ready = dict(self.poller.poll(timeout))
                 self.turn(ready)
                 if self.stopping and not ready:
+                    self.send_held(force=True)
                     return
         finally:
             self.close()
@@ -675,8 +690,10 @@ class Tracker:
             self.touched = {}
         if batch:
             self.store.write(batch)  # then, only then, confirm and publish
-        for socket, frames in replies:
-            send_frames(socket, frames)
+        if replies and not self.held:
+            self.held_since = time.monotonic()
+        self.held += replies
+        self.send_held(force=len(batch.events) >= CONFIRM_AT_ONCE)
         for frames in published:
             self.publish(frames)
         now = time.monotonic()
@@ -694,6 +711,16 @@ class Tracker:
                     self.guard.read(monitor)
         self.publish_load()
         self.prune()
+
+    def send_held(self, *, force: bool = False) -> None:
+        """Send the held confirmations when the oldest waited CONFIRM_LINGER (or ``force``)."""
+        if not self.held:
+            return
+        if not force and time.monotonic() - self.held_since < CONFIRM_LINGER:
+            return
+        for socket, frames in self.held:
+            send_frames(socket, frames)
+        self.held = []
 
     def read_subscriptions(self, socket: zmq.Socket[bytes]) -> None:
         """Subscriptions from clients: to task ids (every event of the task, live), to

@@ -10,12 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import msgpack
 import pytest
 import zmq
-from trackerkit import tracker_and_producer
+from trackerkit import one_step_history, tracker_and_producer
 
 from conftest import wait_for
 from dsat import tracker as tracker_module
@@ -35,25 +33,6 @@ def fed(
     finally:
         producer.close(linger=0)
         tracker.close()
-
-
-def _records(task_id: str, with_s1_hop: bool) -> list[EventRecord]:
-    """A one-step task's events; without the s1 hop, its history has a hole."""
-    now = time.time()
-
-    def record(event: Event, seq: int, step: str, **detail: Any) -> EventRecord:
-        return EventRecord(
-            task_id, task_id, 1, seq, 1, event, step, "local", "local", "w", 1, now, detail
-        )
-
-    events = [record(Event.INIT, 0, "", next=["s1"]), record(Event.SEND, 1, "", next=["s1"])]
-    if with_s1_hop:
-        events += [record(Event.ACK, 1, "s1"), record(Event.START, 1, "s1")]
-    events += [
-        record(Event.END, 1, "s1", elapsed=0.001),
-        record(Event.HAPPY_END, 1, "s1", serialization="msgpack", result=msgpack.packb(1)),
-    ]
-    return events
 
 
 def _send(producer: zmq.Socket[bytes], records: list[EventRecord], first: int, behind: int) -> None:
@@ -99,7 +78,7 @@ def test_a_task_missing_events_waits_while_a_producer_is_behind(
     tracker, producer = fed
     _short_grace(monkeypatch, behind_for=3.0)
     task_id = "0" * 22
-    events = _records(task_id, with_s1_hop=False)
+    events = one_step_history(task_id, with_s1_hop=False)
     _closing_while_behind(tracker, producer, task_id, events, behind=5000)  # more coming
     time.sleep(0.4)  # past the grace, but the producer is behind: no forced end
     _cycle(tracker)
@@ -126,7 +105,7 @@ def test_the_missing_events_arriving_late_end_the_task_without_anomaly(
     tracker, producer = fed
     _short_grace(monkeypatch, behind_for=5.0)
     task_id = "1" * 22
-    whole = _records(task_id, with_s1_hop=True)
+    whole = one_step_history(task_id, with_s1_hop=True)
     hop = [e for e in whole if e.event in (Event.ACK, Event.START)]
     rest = [e for e in whole if e not in hop]
     _closing_while_behind(tracker, producer, task_id, rest, behind=2)

@@ -9,18 +9,16 @@ router does, and real SUB sockets listen over ipc.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import zmq
-from trackerkit import tracker_and_producer
+from trackerkit import one_step_history, tracker_and_producer, turn_until
 
-from conftest import wait_for
-from dsat.fsm import Event
-from dsat.message import END_TOPIC, EventRecord, control, pack_records, recv_frames
+from dsat.message import END_TOPIC, control, pack_records, recv_frames
 from dsat.topology import TRACKER, get_connection
 from dsat.tracker import Tracker
 
@@ -39,35 +37,6 @@ def running(
     finally:
         producer.close(linger=0)
         tracker.close()
-
-
-def _turning(tracker: Tracker, predicate: Callable[[], Any]) -> None:
-    """Let the tracker turn its cycle until ``predicate()`` holds (at most 5 s)."""
-
-    def turned() -> Any:
-        tracker.turn(dict(tracker.poller.poll(20)))
-        return predicate()
-
-    wait_for(turned, interval=0)
-
-
-def _history(task_id: str) -> list[EventRecord]:
-    """A one-step task's whole history, ending in HAPPY_END with its result (41)."""
-    now = time.time()
-
-    def record(event: Event, seq: int, step: str, **detail: Any) -> EventRecord:
-        return EventRecord(
-            task_id, task_id, 1, seq, 1, event, step, "local", "local", "w", 1, now, detail
-        )
-
-    return [
-        record(Event.INIT, 0, "", next=["s1"]),
-        record(Event.SEND, 1, "", next=["s1"]),
-        record(Event.ACK, 1, "s1"),
-        record(Event.START, 1, "s1"),
-        record(Event.END, 1, "s1", elapsed=0.001),
-        record(Event.HAPPY_END, 1, "s1", serialization="msgpack", result=msgpack.packb(41)),
-    ]
 
 
 def _listener(
@@ -100,9 +69,11 @@ def test_a_waiter_hears_only_the_end_a_watcher_hears_every_event(
     tracker, producer, address = running
     waiter = _listener(zctx, address, END_TOPIC + b"t-1")
     watcher = _listener(zctx, address, b"t-1")
-    _turning(tracker, lambda: "t-1" in tracker.awaited and "t-1" in tracker.watched)
+    turn_until(tracker, lambda: "t-1" in tracker.awaited and "t-1" in tracker.watched)
     meta = {"producer": "local/s1.queue", "epoch": 1, "first": 1}
-    producer.send_multipart(control("events", meta, pack_records(_history("t-1"))))
+    producer.send_multipart(
+        control("events", meta, pack_records(one_step_history("t-1", result=41)))
+    )
 
     watched = _heard(tracker, watcher)
     assert [body["event"] for _, body in watched] == [
@@ -135,11 +106,11 @@ def test_a_task_nobody_waits_for_any_more_is_not_published(
 
     monkeypatch.setattr(tracker, "publish", counted)
     waiter = _listener(zctx, address, END_TOPIC + b"t-2")
-    _turning(tracker, lambda: "t-2" in tracker.awaited)
+    turn_until(tracker, lambda: "t-2" in tracker.awaited)
     waiter.setsockopt(zmq.UNSUBSCRIBE, END_TOPIC + b"t-2")
-    _turning(tracker, lambda: "t-2" not in tracker.awaited)
+    turn_until(tracker, lambda: "t-2" not in tracker.awaited)
     meta = {"producer": "local/s1.queue", "epoch": 1, "first": 1}
-    producer.send_multipart(control("events", meta, pack_records(_history("t-2"))))
-    _turning(tracker, lambda: getattr(tracker.store.task("t-2"), "ended", None))
+    producer.send_multipart(control("events", meta, pack_records(one_step_history("t-2"))))
+    turn_until(tracker, lambda: getattr(tracker.store.task("t-2"), "ended", None))
     assert _heard(tracker, waiter) == []
     assert [topic for topic in published if b"t-2" in topic] == []  # not even encoded

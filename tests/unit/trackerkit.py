@@ -3,11 +3,17 @@ ipc as a router feeds it (the unit tests of the tracker share it)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
+import msgpack
 import zmq
 
+from conftest import wait_for
+from dsat.fsm import Event
+from dsat.message import EventRecord
 from dsat.store import Batch, TaskRow, open_store
 from dsat.topology import TRACKER, get_connection, load_topology
 from dsat.tracker import Tracker
@@ -50,3 +56,35 @@ def tracker_and_producer(
         get_connection(topology, TRACKER, satellite="local").socket("events").addresses[0]
     )
     return tracker, producer
+
+
+def one_step_history(
+    task_id: str, *, with_s1_hop: bool = True, result: Any = 1
+) -> list[EventRecord]:
+    """A one-step task's events, ending in HAPPY_END with ``result``; without the s1 hop
+    (ACK, START), its history has a hole."""
+    now = time.time()
+
+    def record(event: Event, seq: int, step: str, **detail: Any) -> EventRecord:
+        return EventRecord(
+            task_id, task_id, 1, seq, 1, event, step, "local", "local", "w", 1, now, detail
+        )
+
+    events = [record(Event.INIT, 0, "", next=["s1"]), record(Event.SEND, 1, "", next=["s1"])]
+    if with_s1_hop:
+        events += [record(Event.ACK, 1, "s1"), record(Event.START, 1, "s1")]
+    events += [
+        record(Event.END, 1, "s1", elapsed=0.001),
+        record(Event.HAPPY_END, 1, "s1", serialization="msgpack", result=msgpack.packb(result)),
+    ]
+    return events
+
+
+def turn_until(tracker: Tracker, predicate: Callable[[], Any], timeout: float = 5.0) -> Any:
+    """Let the tracker turn its cycle until ``predicate()`` holds; return its value."""
+
+    def turned() -> Any:
+        tracker.turn(dict(tracker.poller.poll(20)))
+        return predicate()
+
+    return wait_for(turned, timeout=timeout, interval=0)
