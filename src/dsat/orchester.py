@@ -45,7 +45,6 @@ from dsat.message import (
     dumps,
     encode,
     field_of,
-    recv_frames,
     send_frames,
 )
 from dsat.router import Context, FixedPoint, Pending, child_branch
@@ -55,6 +54,7 @@ from dsat.worker import Task, conditions_of, state_wrapper
 log = logging.getLogger("dsat.orchester")
 
 MAX_SUBMIT: Final = 10_000  # tasks in one submit message
+MAX_REPLIES: Final = 1_000  # replies a source reads between two ticks
 REQUESTS: Final = frozenset({"submit", "resend", "hello"})
 
 
@@ -472,11 +472,7 @@ class Source:
         timeout = max(0.0, until - time.monotonic())
         if not self.socket.poll(int(timeout * 1000) + 1):
             return
-        while True:
-            try:
-                frames = recv_frames(self.socket, NOBLOCK)
-            except zmq.Again:
-                return
+        for frames in drain(self.socket, MAX_REPLIES):  # bounded: the tick stays on time
             try:
                 reply = decode_control(frames, frozenset({"accepted", "refused"}))
             except MessageError as exc:
