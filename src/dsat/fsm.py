@@ -16,6 +16,7 @@ late events back in order and recognise duplicates.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -94,6 +95,31 @@ def position(event: Event, seq: int, attempt: int) -> Position:
 
 ROOT: Final = 1  # the branch id of a task as it is created
 
+# A machine remembers every event it saw. Each one is packed into two integers of
+# two arrays, its place (branch, seq, attempt, rank) and what came there (tseq,
+# event), so a task keeps a handful of objects however long its history: the
+# tracker holds thousands of tasks for a long time, and every small object a task
+# keeps pins the allocator's memory around it (see docs/performance.md). A place
+# that does not fit (a fan-out's branch ids are large) goes to a dict instead.
+_EVENTS: Final = tuple(Event)
+_EVENT_INDEX: Final = {event: index for index, event in enumerate(_EVENTS)}
+_BRANCH_BITS, _SEQ_BITS, _ATTEMPT_BITS, _RANK_BITS = 21, 24, 16, 3
+
+
+def _place_key(branch: int, seq: int, attempt: int, rank: int) -> int | None:
+    """The place packed in 64 bits, or None when it does not fit."""
+    if branch >> _BRANCH_BITS or seq >> _SEQ_BITS or attempt >> _ATTEMPT_BITS:
+        return None
+    return ((branch << _SEQ_BITS | seq) << _ATTEMPT_BITS | attempt) << _RANK_BITS | rank
+
+
+def _unpack_place(key: int) -> tuple[int, int, int, int]:
+    rank = key & (1 << _RANK_BITS) - 1
+    key >>= _RANK_BITS
+    attempt = key & (1 << _ATTEMPT_BITS) - 1
+    key >>= _ATTEMPT_BITS
+    return key >> _SEQ_BITS, key & (1 << _SEQ_BITS) - 1, attempt, rank
+
 
 @dataclass(slots=True)
 class Outcome:
@@ -134,7 +160,9 @@ class TaskMachine:
     """
 
     __slots__ = (
+        "_big",
         "_forks",
+        "_places",
         "_seen",
         "_xor",
         "anomalies",
@@ -181,8 +209,11 @@ class TaskMachine:
         # history is one dict, and what only fan-outs and failures need is made then.
         self.failed: set[int] | None = None  # branches that failed
         self.heads: dict[int, Head] = {}
-        # every event seen once: (branch, seq, attempt, rank) -> (event, tseq)
-        self._seen: dict[tuple[int, int, int, int], tuple[Event, int]] = {}
+        # every event seen once: its packed place (_place_key), and at the same index
+        # tseq << 4 | the event's index; places too large to pack in a dict
+        self._places = array("Q")
+        self._seen = array("Q")
+        self._big: dict[tuple[int, int, int, int], tuple[Event, int]] | None = None
         self._forks: set[int] | None = None
         self.parents: dict[int, int] | None = None  # fanned-out branch -> the branch it came from
         self._xor = 0
@@ -200,10 +231,40 @@ class TaskMachine:
     @property
     def history(self) -> list[tuple[Position, int, Event, int]]:
         """Every event seen once, as (position, branch, event, tseq), in arrival order."""
-        return [
-            ((seq, attempt, rank), branch, event, tseq)
-            for (branch, seq, attempt, rank), (event, tseq) in self._seen.items()
-        ]
+        events = _EVENTS
+        history = []
+        for key, seen in zip(self._places, self._seen, strict=True):
+            branch, seq, attempt, rank = _unpack_place(key)
+            history.append(((seq, attempt, rank), branch, events[seen & 15], seen >> 4))
+        if self._big:
+            history += [
+                ((seq, attempt, rank), branch, event, tseq)
+                for (branch, seq, attempt, rank), (event, tseq) in self._big.items()
+            ]
+            history.sort(key=lambda entry: entry[3])
+        return history
+
+    def _remember(
+        self, event: Event, branch: int, seq: int, attempt: int, rank: int
+    ) -> Event | None:
+        """The event already seen at this place (a duplicate or a conflict), or None:
+        then this one is remembered there, with its tseq."""
+        key = _place_key(branch, seq, attempt, rank)
+        if key is None:
+            if self._big is None:
+                self._big = {}
+            big = (branch, seq, attempt, rank)
+            seen = self._big.get(big)
+            if seen is not None:
+                return seen[0]
+            self._big[big] = (event, self.tseq)
+            return None
+        places = self._places
+        if key in places:
+            return _EVENTS[self._seen[places.index(key)] & 15]
+        places.append(key)
+        self._seen.append(self.tseq << 4 | _EVENT_INDEX[event])
+        return None
 
     def problems(self) -> list[tuple[int, str]]:
         """Transitions of the history (so far) that cannot happen: (tseq, reason)."""
@@ -240,14 +301,11 @@ class TaskMachine:
             self.created = at
         self.updated = max(self.updated, at)
         rank = RANK[event]
-        key = (branch, seq, attempt, rank)
-        seen = self._seen.get(key)
-        if seen is not None:
-            before = seen[0]
+        before = self._remember(event, branch, seq, attempt, rank)
+        if before is not None:
             self.duplicates += 1
             flag = "duplicate" if before is event else f"conflict: {event} where {before} was"
             return Outcome(self.tseq, flag, False)
-        self._seen[key] = (event, self.tseq)
         place = (seq, attempt, rank)
 
         if event is Event.INIT:

@@ -9,6 +9,7 @@ HAPPY_END (or FAILURE) at the terminus.
 from __future__ import annotations
 
 import itertools
+import tracemalloc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -763,3 +764,57 @@ def test_the_late_event_after_force_end_leaves_the_task_ended_without_problems()
     assert outcome.over
     assert machine.state is HAPPY_END
     assert machine.problems() == []
+
+
+# ---------------------------------------------------------------------------
+# what a machine keeps: every event once, packed
+
+
+def test_the_history_is_every_event_once_in_arrival_order_packed_or_not() -> None:
+    # the root's places pack into integers; a fan-out's branch ids are too large to
+    events = task_history([OK], fork=[[OK], [OK]])
+    assert any(ev.branch >= 2**21 for ev in events)
+    arrival = events[::2] + events[1::2]
+    machine, outcomes = run(arrival)
+    assert ended_on(outcomes) == [len(arrival) - 1]
+    assert [(place, branch, event) for place, branch, event, _ in machine.history] == [
+        (position(ev.event, ev.seq, ev.attempt), ev.branch, ev.event) for ev in arrival
+    ]
+    assert [tseq for *_, tseq in machine.history] == list(range(1, len(arrival) + 1))
+
+
+@pytest.mark.parametrize(
+    ("seq", "attempt"), [(1, 1), (2**24, 1), (1, 2**16), (2**40, 2**20)], ids=str
+)
+def test_a_duplicate_or_a_conflict_is_found_wherever_the_place_is_kept(
+    seq: int, attempt: int
+) -> None:
+    machine = TaskMachine(TASK_ID)
+    machine.apply(START, ROOT, seq, attempt, "pool1")
+    assert machine.apply(START, ROOT, seq, attempt, "pool1").flag == "duplicate"
+    assert machine.apply(END, ROOT, seq, attempt, "pool1").flag == ""
+    assert machine.apply(ERROR, ROOT, seq, attempt, "pool1").flag == "conflict: ERROR where END was"
+    assert [(place, event) for place, _, event, _ in machine.history] == [
+        ((seq, attempt, RANK[START]), START),
+        ((seq, attempt, RANK[END]), END),
+    ]
+
+
+def test_a_machine_keeps_a_handful_of_objects_however_long_its_history() -> None:
+    """The tracker holds thousands of machines; each small object one keeps pins the
+    allocator's memory around it (docs/performance.md). A 3-hop task: 14 events."""
+    histories = [task_history([OK, OK, OK]) for _ in range(200)]
+    assert len(histories[0]) == 14
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        machines = [run(history)[0] for history in histories]
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    kept = [s for s in after.compare_to(before, "filename") if "dsat/fsm.py" in str(s.traceback)]
+    objects = sum(s.count_diff for s in kept) / len(machines)
+    size = sum(s.size_diff for s in kept) / len(machines)
+    assert all(m.over for m in machines)
+    assert objects <= 12, f"{objects:.1f} objects per machine"
+    assert size <= 1200, f"{size:.0f} bytes per machine"
