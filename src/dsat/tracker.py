@@ -157,6 +157,12 @@ class Tracker:
         self.node_names = {
             node.name for name in topology.satellites for node in topology.nodes(name)
         }
+        # One string per step and satellite name for every machine to share: a name a
+        # machine keeps from an event row would stay behind when the row is freed, and
+        # pin the memory around it (see docs/performance.md, memory under a flood).
+        self.names = {
+            name: name for name in ("", *topology.steps, *topology.satellites, *self.node_names)
+        }
         self.malformed: collections.Counter[str] = collections.Counter()  # per socket
         self.anomalies = 0
         self.applied = 0
@@ -274,23 +280,26 @@ class Tracker:
         was_over = machine.ended
         event = row[EVENT]
         detail = row[DETAIL]
+        names = self.names
+        step = names.get(row[STEP], row[STEP])
+        where = names.get(row[WHERE], row[WHERE])
         if detail:
             outcome = machine.apply(
                 event,
                 row[BRANCH],
                 row[SEQ],
                 row[ATTEMPT],
-                row[STEP],
+                step,
                 row[AT],
                 detail.get("children"),
                 detail.get("parent", 0),
                 detail.get("error", ""),
                 float(detail.get("deadline", 0.0)),
-                row[WHERE],
+                where,
             )
         else:
             outcome = machine.apply(
-                event, row[BRANCH], row[SEQ], row[ATTEMPT], row[STEP], row[AT], where=row[WHERE]
+                event, row[BRANCH], row[SEQ], row[ATTEMPT], step, row[AT], where=where
             )
         flag = outcome.flag
         if was_over and machine.ended and not flag and event is not Event.RETRY:
@@ -424,13 +433,13 @@ class Tracker:
         machine = self.ended.get(task_id)
         if machine is not None:
             return machine
-        if task_id in self.absent:
-            self.absent.discard(task_id)  # from now on, it is live
-            return TaskMachine(task_id, row[JOB_ID], row[ORIGIN])
-        stored = self.store.task(task_id)
-        if stored is not None:
-            return self._machine_from_store(stored)
-        return TaskMachine(task_id, row[JOB_ID], row[ORIGIN])
+        if task_id not in self.absent:
+            stored = self.store.task(task_id)
+            if stored is not None:
+                return self._machine_from_store(stored)
+        self.absent.discard(task_id)  # from now on, it is live
+        job_id = task_id if row[JOB_ID] == task_id else row[JOB_ID]
+        return TaskMachine(task_id, job_id, self.names.get(row[ORIGIN], row[ORIGIN]))
 
     def end_overdue(self, batch: Batch) -> None:
         """End tasks that closed but still miss events after END_GRACE; flag what is missing.

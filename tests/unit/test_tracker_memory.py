@@ -1,0 +1,43 @@
+"""What the tracker keeps of a task: the names in it are the tracker's own strings,
+shared by every task, never a copy from an event row (a string kept from a row
+stays behind when the row is freed and pins the memory around it).
+
+The tracker is built in this process on a real SQLite store and fed through a
+real DEALER socket over ipc, as a router feeds it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import zmq
+from trackerkit import one_step_history, tracker_and_producer, turn_until
+
+from dsat.message import control, pack_records
+
+
+def test_a_task_keeps_the_trackers_names_not_the_rows(
+    tmp_path: Path, ipc_dir: Path, zctx: zmq.Context[zmq.Socket[bytes]]
+) -> None:
+    tracker, producer = tracker_and_producer(tmp_path, ipc_dir, zctx)
+    try:
+        meta = {"producer": "local/s1.queue", "epoch": 1, "first": 1}
+        # one task whose job is itself, and one in a job of its own name
+        history = one_step_history("t-1") + [
+            replace(record, task_id="t-2", job_id="nightly") for record in one_step_history("t-2")
+        ]
+        producer.send_multipart(control("events", meta, pack_records(history)))
+        turn_until(tracker, lambda: {"t-1", "t-2"} <= set(tracker.ended))
+        for task_id in ("t-1", "t-2"):
+            machine = tracker.ended[task_id]
+            assert machine.step is tracker.names["s1"]
+            assert machine.where is tracker.names["local"]
+            assert machine.origin is tracker.names["local"]
+            assert all(head.step is tracker.names["s1"] for head in machine.heads.values())
+        one, two = tracker.ended["t-1"], tracker.ended["t-2"]
+        assert one.job_id is one.task_id
+        assert two.job_id == "nightly"
+    finally:
+        producer.close(linger=0)
+        tracker.close()
