@@ -70,7 +70,11 @@ Context = zmq.Context[zmq.Socket[bytes]]
 
 MAX_BATCHES: Final = 64  # event batches read per cycle
 _MAX_INT: Final = 2**63 - 1
-ENDED_CACHE: Final = 10_000  # ended tasks kept in memory, for their late events
+# Ended tasks kept in memory, for their late events (rare: a task ends once its whole
+# history is in); an older one's late event rebuilds it from the store. Each machine
+# kept pins the allocator's memory it was made among: 10,000 kept a flooded pipeline's
+# tracker at 1.23 x its RSS after 10,000 tasks, 2,000 at 1.09 x (docs/performance.md).
+ENDED_CACHE: Final = 2_000
 END_GRACE: Final = 5.0  # seconds a closed task may wait for missing events before it ends
 BEHIND_FOR: Final = 2.0  # a producer that said it was behind is deemed so this long after
 LOAD_TOPIC: Final = b"@load"
