@@ -21,11 +21,14 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from bench import ceiling, pipeline, tracker
 from bench.figures import Report, machine, machine_line
 from bench.satellite import Satellite
+
+if TYPE_CHECKING:
+    from bench.peers import CeleryPeer
 
 DEFAULT_JSON: Final = Path(__file__).resolve().parent / "results" / "latest.json"
 MB: Final = 2**20
@@ -204,22 +207,47 @@ def run_celery(plan: Plan, report: Report, *, throughput: bool, latency: bool) -
         part.skipped = reason
         say(f"bench: Celery skipped: {reason}")
         return
-    with timed(report, "celery"), peers.CeleryPeer() as peer:
-        for number in range(plan.runs):
-            say(f"celery run {number + 1}/{plan.runs}")
-            if throughput:
-                run = peers.throughput(peer, plan.celery_tasks)
-                part.checked += run.tasks
-                part.mismatches += run.mismatches
-                report.add("celery tasks/s", "tasks/s", run.per_second)
-                say(f"  celery: {run.per_second:,.0f} tasks/s, {run.mismatches} mismatches")
-            if latency:
-                lat = peers.latency(peer, plan.latency_tasks)
-                part.checked += len(lat.samples)
-                part.mismatches += lat.mismatches
-                report.add("celery latency p50", "ms", lat.p50 * 1e3)
-                report.add("celery latency p99", "ms", lat.p99 * 1e3)
-                say(f"  celery latency: p50 {lat.p50 * 1e3:.2f} ms, p99 {lat.p99 * 1e3:.2f} ms")
+    with timed(report, "celery"):
+        peer = peers.CeleryPeer()
+        try:
+            peer.start()
+            for number in range(plan.runs):
+                say(f"celery run {number + 1}/{plan.runs}")
+                try:
+                    celery_run(plan, report, peer, throughput=throughput, latency=latency)
+                except Exception as exc:  # Celery's own failure: count it, go on afresh
+                    # a result that never reaches the waiting client leaves the app unusable
+                    # ("The Celery application must be restarted"): the next run gets a new one
+                    plan.failures.append(f"celery run {number + 1}: {exc}")
+                    say(f"bench: celery run {number + 1} failed: {exc}; restarting Celery")
+                    traceback.print_exc()
+                    peer.close()
+                    peer = peers.CeleryPeer()
+                    peer.start()
+        finally:
+            peer.close()
+
+
+def celery_run(
+    plan: Plan, report: Report, peer: CeleryPeer, *, throughput: bool, latency: bool
+) -> None:
+    """One run of the Celery part; each figure goes to the report once it was measured."""
+    from bench import peers
+
+    part = report.part("celery")
+    if throughput:
+        run = peers.throughput(peer, plan.celery_tasks)
+        part.checked += run.tasks
+        part.mismatches += run.mismatches
+        report.add("celery tasks/s", "tasks/s", run.per_second)
+        say(f"  celery: {run.per_second:,.0f} tasks/s, {run.mismatches} mismatches")
+    if latency:
+        lat = peers.latency(peer, plan.latency_tasks)
+        part.checked += len(lat.samples)
+        part.mismatches += lat.mismatches
+        report.add("celery latency p50", "ms", lat.p50 * 1e3)
+        report.add("celery latency p99", "ms", lat.p99 * 1e3)
+        say(f"  celery latency: p50 {lat.p50 * 1e3:.2f} ms, p99 {lat.p99 * 1e3:.2f} ms")
 
 
 def count_text(count: int) -> str:
