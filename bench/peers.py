@@ -34,6 +34,7 @@ from bench.satellite import Started
 from bench.workload import LatencyRun, Run, is_right, one_at_a_time, payload
 
 ROOT: Final = Path(__file__).resolve().parent.parent  # bench's parent: the worker imports bench
+APP_MODULE: Final = "bench.celery_app"
 START_TIMEOUT: Final = 60.0
 STOP_TIMEOUT: Final = 30.0
 INSTALL_TIMEOUT: Final = 900.0
@@ -188,7 +189,7 @@ class CeleryPeer(Started):
                     "-m",
                     "celery",
                     "-A",
-                    "bench.celery_app",
+                    APP_MODULE,
                     "worker",
                     "--pool",
                     "prefork",
@@ -206,7 +207,10 @@ class CeleryPeer(Started):
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
-        self.app = importlib.import_module("bench.celery_app")
+        # the app reads the URL when imported: a Celery started again (after a failed
+        # run) needs the module made afresh, or it would talk to the Redis now gone
+        module = sys.modules.get(APP_MODULE)
+        self.app = importlib.reload(module) if module else importlib.import_module(APP_MODULE)
         try:
             result = self.chain(payload(0)).get(timeout=START_TIMEOUT)
         except Exception as exc:  # celery raises many kinds; any of them means "not up"
