@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -135,6 +135,12 @@ class Guard:
     @property
     def monitors(self) -> list[Any]:
         return list(self._monitors)
+
+    def read_ready(self, ready: Mapping[Any, int]) -> None:
+        """Read the monitors a poll found ready (``ready``: the poll's sockets)."""
+        for monitor in self._monitors:
+            if monitor in ready:
+                self.read(monitor)
 
     def read(self, monitor: Any) -> None:
         """Count the handshakes a socket refused (wrong key, no CURVE); log a bounded few."""

@@ -734,9 +734,7 @@ class FixedPoint:
             if socket in ready:
                 self.read_outbox(socket)
         if self.guard is not None:
-            for monitor in self.guard.monitors:
-                if monitor in ready:
-                    self.guard.read(monitor)
+            self.guard.read_ready(ready)
 
     def forwarded(self, key: Key) -> None:
         """Every next step acknowledged what this task became: it is off our hands."""

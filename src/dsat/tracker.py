@@ -58,6 +58,7 @@ from dsat.message import (
     decode_control,
     drain,
     field_of,
+    packb,
     send_frames,
     unpack_rows,
 )
@@ -109,8 +110,6 @@ class Tracker:
         self.store = store
         self.guard = guard
         self.stopping = False
-        # one packer for the hot path: msgpack.packb makes a new one per call
-        self.pack: Callable[[Any], bytes] = msgpack.Packer(use_bin_type=True).pack
         plan = get_connection(topology, TRACKER, satellite=satellite)
         max_size = topology.defaults.max_message_size
 
@@ -314,7 +313,7 @@ class Tracker:
         stored = detail
         if "result" in detail or "payload" in detail:
             stored = {k: v for k, v in detail.items() if k not in ("result", "payload")}
-        packed = self.pack(stored) if stored else None
+        packed = packb(stored) if stored else None
         batch.events.append(
             (
                 task_id,
@@ -390,7 +389,7 @@ class Tracker:
         if machine.ended:  # the end carries the results: a waiting client needs no query
             with contextlib.suppress(StoreError):  # without them, it asks
                 live["results"] = self._results_for(task_id, batch)
-        body = self.pack(live)
+        body = packb(live)
         topic = task_id.encode()
         published = [[topic, PROTOCOL_FRAME, body]] if watched else []
         if awaited:
@@ -529,7 +528,7 @@ class Tracker:
         }
         self.decisions.append(decision)
         log.info("autoscale %s/%s: %d -> %d workers (%s)", satellite, pool, before, after, reason)
-        return [POOLS_TOPIC, PROTOCOL_FRAME, msgpack.packb(decision, use_bin_type=True)]
+        return [POOLS_TOPIC, PROTOCOL_FRAME, packb(decision)]
 
     def pools_view(self) -> dict[str, Any]:
         """Every pool of the topology: bounds, workers now, its queue's load, last decisions."""
@@ -719,9 +718,7 @@ class Tracker:
             if socket in ready:
                 self.read_subscriptions(socket)
         if self.guard is not None:
-            for monitor in self.guard.monitors:
-                if monitor in ready:
-                    self.guard.read(monitor)
+            self.guard.read_ready(ready)
         self.publish_load()
         self.prune()
 
@@ -768,7 +765,7 @@ class Tracker:
         if now - self.last_load_published < 1.0:
             return
         self.last_load_published = now
-        body = msgpack.packb(self.load_view(), use_bin_type=True)
+        body = packb(self.load_view())
         self.publish([LOAD_TOPIC, PROTOCOL_FRAME, body])
 
     def prune(self) -> None:
@@ -885,9 +882,7 @@ class Relay:
 
     def add(self, row: list[Any], batch: Batch) -> None:
         """Keep an event for the other tracker (written in this cycle's transaction)."""
-        packed = msgpack.packb(
-            [*row[:EVENT], row[EVENT].value, *row[EVENT + 1 :]], use_bin_type=True
-        )
+        packed = packb([*row[:EVENT], row[EVENT].value, *row[EVENT + 1 :]])
         batch.relay.append((self.dest, self.next_eseq, packed))
         self.outstanding.extend([(self.next_eseq, packed)])
         self.next_eseq += 1
@@ -908,9 +903,7 @@ class Relay:
         if not batch:
             return
         meta = {"producer": self.producer, "epoch": self.epoch, "first": batch[0][0]}
-        records = msgpack.packb(
-            [msgpack.unpackb(r, raw=False) for _, r in batch], use_bin_type=True
-        )
+        records = packb([msgpack.unpackb(r, raw=False) for _, r in batch])
         try:
             send_frames(self.socket, control("events", meta, records), NOBLOCK)
         except zmq.Again:

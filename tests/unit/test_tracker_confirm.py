@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 import zmq
-from trackerkit import one_step_history, tracker_and_producer, turn_until
+from trackerkit import fed_tracker, one_step_history, send_events, turn_until
 
 from dsat import tracker as tracker_module
-from dsat.message import EventRecord, control, decode_control, pack_records
+from dsat.message import decode_control
 from dsat.tracker import CONFIRM_AT_ONCE, Tracker
 
 Fed = tuple[Tracker, zmq.Socket[bytes]]
@@ -26,17 +26,8 @@ Fed = tuple[Tracker, zmq.Socket[bytes]]
 
 @pytest.fixture
 def fed(tmp_path: Path, ipc_dir: Path, zctx: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Fed]:
-    tracker, producer = tracker_and_producer(tmp_path, ipc_dir, zctx)
-    try:
-        yield tracker, producer
-    finally:
-        producer.close(linger=0)
-        tracker.close()
-
-
-def _send(producer: zmq.Socket[bytes], records: list[EventRecord], first: int) -> None:
-    meta = {"producer": "local/s1.queue", "epoch": 1, "first": first}
-    producer.send_multipart(control("events", meta, pack_records(records)))
+    with fed_tracker(tmp_path, ipc_dir, zctx) as fed:
+        yield fed
 
 
 def _confirms(producer: zmq.Socket[bytes]) -> list[dict[str, Any]]:
@@ -58,10 +49,10 @@ def test_light_batches_are_confirmed_together_after_the_linger(
 ) -> None:
     tracker, producer = fed
     monkeypatch.setattr(tracker_module, "CONFIRM_LINGER", 0.5)
-    _send(producer, one_step_history("t-1"), first=1)
+    send_events(producer, one_step_history("t-1"), first=1)
     turn_until(tracker, lambda: tracker.store.task("t-1") is not None)
     applied = time.monotonic()
-    _send(producer, one_step_history("t-2"), first=7)
+    send_events(producer, one_step_history("t-2"), first=7)
     turn_until(tracker, lambda: tracker.store.task("t-2") is not None)
     _turn_for(tracker, 0.25)
     assert _confirms(producer) == []  # written, but held: the linger has not passed
@@ -75,7 +66,7 @@ def test_a_cycle_under_load_confirms_at_once(fed: Fed, monkeypatch: pytest.Monke
     monkeypatch.setattr(tracker_module, "CONFIRM_LINGER", 60.0)
     records = [r for n in range(CONFIRM_AT_ONCE // 6 + 1) for r in one_step_history(f"t-{n}")]
     assert len(records) >= CONFIRM_AT_ONCE
-    _send(producer, records, first=1)
+    send_events(producer, records, first=1)
     confirms = turn_until(tracker, lambda: _confirms(producer), timeout=10)
     assert [c["upto"] for c in confirms] == [len(records)]
 
@@ -83,7 +74,7 @@ def test_a_cycle_under_load_confirms_at_once(fed: Fed, monkeypatch: pytest.Monke
 def test_a_stopping_tracker_sends_what_it_held(fed: Fed, monkeypatch: pytest.MonkeyPatch) -> None:
     tracker, producer = fed
     monkeypatch.setattr(tracker_module, "CONFIRM_LINGER", 60.0)
-    _send(producer, one_step_history("t-1"), first=1)
+    send_events(producer, one_step_history("t-1"), first=1)
     turn_until(tracker, lambda: tracker.store.task("t-1") is not None)
     assert tracker.held
     tracker.stop()

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import zmq
-from trackerkit import one_step_history, tracker_and_producer
+from trackerkit import fed_tracker, one_step_history, send_events
 
 from conftest import wait_for
 from dsat import tracker as tracker_module
 from dsat.fsm import Event
-from dsat.message import EventRecord, control, pack_records
+from dsat.message import EventRecord
 from dsat.store import Batch
 from dsat.tracker import Tracker
 
@@ -27,17 +27,8 @@ from dsat.tracker import Tracker
 def fed(
     tmp_path: Path, ipc_dir: Path, zctx: zmq.Context[zmq.Socket[bytes]]
 ) -> Iterator[tuple[Tracker, zmq.Socket[bytes]]]:
-    tracker, producer = tracker_and_producer(tmp_path, ipc_dir, zctx)
-    try:
-        yield tracker, producer
-    finally:
-        producer.close(linger=0)
-        tracker.close()
-
-
-def _send(producer: zmq.Socket[bytes], records: list[EventRecord], first: int, behind: int) -> None:
-    meta = {"producer": "local/s1.queue", "epoch": 1, "first": first, "behind": behind}
-    producer.send_multipart(control("events", meta, pack_records(records)))
+    with fed_tracker(tmp_path, ipc_dir, zctx) as fed:
+        yield fed
 
 
 def _cycle(tracker: Tracker) -> None:
@@ -63,7 +54,7 @@ def _closing_while_behind(
 ) -> None:
     """Send a task's events from a producer that says ``behind`` more are coming; wait
     until the tracker holds the task as closing (its history incomplete)."""
-    _send(producer, records, first=1, behind=behind)
+    send_events(producer, records, first=1, behind=behind)
     wait_for(lambda: (_cycle(tracker), task_id in tracker.closing)[1], timeout=5)
 
 
@@ -87,7 +78,7 @@ def test_a_task_missing_events_waits_while_a_producer_is_behind(
     assert machine.anomalies == 0
 
     # the producer caught up (its next batch says nothing is left): the grace runs again
-    _send(producer, [], first=len(events) + 1, behind=0)
+    send_events(producer, [], first=len(events) + 1, behind=0)
     _cycle(tracker)
     time.sleep(0.1)
     _cycle(tracker)
@@ -111,7 +102,7 @@ def test_the_missing_events_arriving_late_end_the_task_without_anomaly(
     _closing_while_behind(tracker, producer, task_id, rest, behind=2)
     time.sleep(0.5)  # longer than the grace: only the producer's backlog holds it
     _cycle(tracker)
-    _send(producer, hop, first=len(rest) + 1, behind=0)
+    send_events(producer, hop, first=len(rest) + 1, behind=0)
     wait_for(lambda: (_cycle(tracker), task_id not in tracker.live)[1], timeout=5)
     row = tracker.store.task(task_id)
     assert row is not None

@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from trackerkit import one_step_history, tracker_and_producer, turn_until
+from trackerkit import fed_tracker, one_step_history, send_events, turn_until
 
-from dsat.message import END_TOPIC, control, pack_records, recv_frames
+from dsat.message import END_TOPIC, recv_frames
 from dsat.topology import TRACKER, get_connection
 from dsat.tracker import Tracker
 
@@ -30,13 +30,9 @@ def running(
     tmp_path: Path, ipc_dir: Path, zctx: zmq.Context[zmq.Socket[bytes]]
 ) -> Iterator[Running]:
     """A tracker, its producer, and the address of its live stream."""
-    tracker, producer = tracker_and_producer(tmp_path, ipc_dir, zctx)
-    address = get_connection(tracker.topology, TRACKER, satellite="local").socket("pub")
-    try:
+    with fed_tracker(tmp_path, ipc_dir, zctx) as (tracker, producer):
+        address = get_connection(tracker.topology, TRACKER, satellite="local").socket("pub")
         yield tracker, producer, address.addresses[0]
-    finally:
-        producer.close(linger=0)
-        tracker.close()
 
 
 def _listener(
@@ -70,10 +66,7 @@ def test_a_waiter_hears_only_the_end_a_watcher_hears_every_event(
     waiter = _listener(zctx, address, END_TOPIC + b"t-1")
     watcher = _listener(zctx, address, b"t-1")
     turn_until(tracker, lambda: "t-1" in tracker.awaited and "t-1" in tracker.watched)
-    meta = {"producer": "local/s1.queue", "epoch": 1, "first": 1}
-    producer.send_multipart(
-        control("events", meta, pack_records(one_step_history("t-1", result=41)))
-    )
+    send_events(producer, one_step_history("t-1", result=41), first=1)
 
     watched = _heard(tracker, watcher)
     assert [body["event"] for _, body in watched] == [
@@ -109,8 +102,7 @@ def test_a_task_nobody_waits_for_any_more_is_not_published(
     turn_until(tracker, lambda: "t-2" in tracker.awaited)
     waiter.setsockopt(zmq.UNSUBSCRIBE, END_TOPIC + b"t-2")
     turn_until(tracker, lambda: "t-2" not in tracker.awaited)
-    meta = {"producer": "local/s1.queue", "epoch": 1, "first": 1}
-    producer.send_multipart(control("events", meta, pack_records(one_step_history("t-2"))))
+    send_events(producer, one_step_history("t-2"), first=1)
     turn_until(tracker, lambda: getattr(tracker.store.task("t-2"), "ended", None))
     assert _heard(tracker, waiter) == []
     assert [topic for topic in published if b"t-2" in topic] == []  # not even encoded

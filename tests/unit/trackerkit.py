@@ -3,8 +3,9 @@ ipc as a router feeds it (the unit tests of the tracker share it)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import zmq
 
 from conftest import wait_for
 from dsat.fsm import Event
-from dsat.message import EventRecord
+from dsat.message import EventRecord, control, pack_records
 from dsat.store import Batch, TaskRow, open_store
 from dsat.topology import TRACKER, get_connection, load_topology
 from dsat.tracker import Tracker
@@ -56,6 +57,31 @@ def tracker_and_producer(
         get_connection(topology, TRACKER, satellite="local").socket("events").addresses[0]
     )
     return tracker, producer
+
+
+@contextlib.contextmanager
+def fed_tracker(
+    tmp_path: Path,
+    ipc_dir: Path,
+    zctx: zmq.Context[zmq.Socket[bytes]],
+    stored: Iterable[TaskRow] = (),
+) -> Iterator[tuple[Tracker, zmq.Socket[bytes]]]:
+    """tracker_and_producer, both closed when the block ends."""
+    tracker, producer = tracker_and_producer(tmp_path, ipc_dir, zctx, stored)
+    try:
+        yield tracker, producer
+    finally:
+        producer.close(linger=0)
+        tracker.close()
+
+
+def send_events(
+    producer: zmq.Socket[bytes], records: list[EventRecord], first: int, behind: int = 0
+) -> None:
+    """One events batch from s1's queue, numbered from ``first``; ``behind``: how many
+    more events it says it holds."""
+    meta = {"producer": "local/s1.queue", "epoch": 1, "first": first, "behind": behind}
+    producer.send_multipart(control("events", meta, pack_records(records)))
 
 
 def one_step_history(
