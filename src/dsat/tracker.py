@@ -313,7 +313,6 @@ class Tracker:
         stored = detail
         if "result" in detail or "payload" in detail:
             stored = {k: v for k, v in detail.items() if k not in ("result", "payload")}
-        packed = packb(stored) if stored else None
         batch.events.append(
             (
                 task_id,
@@ -327,7 +326,7 @@ class Tracker:
                 row[WID],
                 row[PID],
                 row[AT],
-                packed,
+                stored or None,
                 flag,
             )
         )

@@ -23,6 +23,7 @@ import msgpack
 import psutil
 
 from conftest import Figures, RunningSatellite, wait_for
+from dsat.store import open_store
 
 TERMINAL = ("HAPPY_END", "FAILURE")
 
@@ -206,26 +207,26 @@ def read_outcome(running: RunningSatellite, task_ids: Sequence[str]) -> Outcome:
             if task_id in wanted:
                 assert serialization == "msgpack"
                 results[task_id] = msgpack.unpackb(data, raw=False)
-        for row in db.execute(
-            "SELECT task_id, tseq, branch, seq, attempt, event, step, pid, at, detail, flag "
-            "FROM events ORDER BY task_id, tseq"
-        ):
-            task_id, tseq, branch, seq, attempt, event, step, pid, at, detail, flag = row
-            if task_id in wanted:
-                events[task_id].append(
-                    {
-                        "tseq": tseq,
-                        "branch": branch,
-                        "seq": seq,
-                        "attempt": attempt,
-                        "event": event,
-                        "step": step,
-                        "pid": pid,
-                        "at": at,
-                        "detail": msgpack.unpackb(detail, raw=False) if detail else {},
-                        "flag": flag,
-                    }
-                )
+    store = open_store(f"sqlite:///{store_path(running)}", readonly=True)
+    try:
+        for task_id in task_ids:
+            events[task_id] = [
+                {
+                    "tseq": e.tseq,
+                    "branch": e.branch,
+                    "seq": e.seq,
+                    "attempt": e.attempt,
+                    "event": e.event,
+                    "step": e.step,
+                    "pid": e.pid,
+                    "at": e.at,
+                    "detail": e.detail,
+                    "flag": e.flag,
+                }
+                for e in store.events(task_id)
+            ]
+    finally:
+        store.close()
     return Outcome(states, anomalies, errors, results, events)
 
 

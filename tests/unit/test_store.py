@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 
 from dsat.store import (
@@ -173,6 +174,25 @@ def test_a_flag_marks_an_event_written_earlier(store: Store) -> None:
     store.write(Batch(events=[event_row("t1", 1), event_row("t1", 2, "START")]))
     store.write(Batch(flags=[("t1", 2, "anomaly: START cannot follow nothing")]))
     assert [e.flag for e in store.events("t1")] == ["", "anomaly: START cannot follow nothing"]
+
+
+def test_a_history_written_over_many_cycles_reads_back_in_order(store: Store) -> None:
+    # each write is one tracker cycle: a task's events land in a chunk per cycle
+    store.write(Batch(events=[event_row("t1", 1, "INIT"), event_row("t2", 1, "INIT")]))
+    store.write(Batch(events=[event_row("t1", 2, "SEND"), event_row("t1", 3, "ACK")]))
+    store.write(Batch(events=[event_row("t2", 2, "SEND"), event_row("t1", 4, "START")]))
+    assert [e.tseq for e in store.events("t1")] == [1, 2, 3, 4]
+    assert [e.event for e in store.events("t1", after=2)] == ["ACK", "START"]
+    assert [e.event for e in store.events("t1", after=3)] == ["START"]
+    assert store.events("t1", after=4) == []
+    assert [e.event for e in store.events("t2")] == ["INIT", "SEND"]
+
+
+def test_a_flag_finds_its_event_among_others_of_its_chunk(store: Store) -> None:
+    store.write(Batch(events=[event_row("t1", 1), event_row("t1", 2, "START")]))
+    store.write(Batch(events=[event_row("t1", n, "END") for n in (3, 4, 5)]))
+    store.write(Batch(flags=[("t1", 4, "duplicate"), ("t1", 9, "anomaly: never written")]))
+    assert [e.flag for e in store.events("t1")] == ["", "", "", "duplicate", ""]
 
 
 def test_event_details_keep_their_types(store: Store) -> None:
@@ -399,9 +419,9 @@ def test_a_file_of_another_schema_version_is_refused(db_path: Path, readonly: bo
     open_store(url(db_path)).close()
     raw = sqlite3.connect(db_path)
     with raw:
-        raw.execute("UPDATE meta SET value = '2' WHERE key = 'schema'")
+        raw.execute("UPDATE meta SET value = '3' WHERE key = 'schema'")
     raw.close()
-    with pytest.raises(StoreError, match="schema version 2"):
+    with pytest.raises(StoreError, match="schema version 3"):
         open_store(url(db_path), readonly=readonly).close()
 
 
@@ -415,3 +435,75 @@ def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path) -> None:
 def test_an_unknown_store_url_is_refused() -> None:
     with pytest.raises(StoreError, match="sqlite:///PATH"):
         open_store("mysql://localhost/dsat")
+
+
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema', '1');
+CREATE TABLE events (
+    task_id TEXT NOT NULL, tseq INTEGER NOT NULL, branch INTEGER NOT NULL,
+    seq INTEGER NOT NULL, attempt INTEGER NOT NULL, event TEXT NOT NULL, step TEXT NOT NULL,
+    at_satellite TEXT NOT NULL, wid TEXT NOT NULL, pid INTEGER NOT NULL, at REAL NOT NULL,
+    detail BLOB, flag TEXT NOT NULL, PRIMARY KEY (task_id, tseq)
+) WITHOUT ROWID;
+"""
+
+
+def schema_1_store(path: Path, events: list[EventRow]) -> None:
+    """A store as the first schema kept it: a row per event."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    raw = sqlite3.connect(path)
+    with raw:
+        raw.executescript(SCHEMA_1)
+        raw.executemany(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    *dataclasses.astuple(e)[:11],
+                    msgpack.packb(e.detail) if e.detail else None,
+                    e.flag,
+                )
+                for e in events
+            ],
+        )
+    raw.close()
+
+
+def test_a_schema_1_store_is_upgraded_with_every_event(db_path: Path) -> None:
+    events = [
+        event_row("t1", 1, "INIT", seq=0, step=""),
+        event_row("t1", 2, "SEND", detail={"next": ["cpu"]}),
+        event_row("t1", 3, "ACK", flag="duplicate"),
+        event_row("t2", 1, "FAILURE", detail={"error": "boom", "result": b"\xff"}),
+    ]
+    schema_1_store(db_path, events)
+    store = open_store(url(db_path))
+    try:
+        assert store.events("t1") == events[:3]
+        assert store.events("t2") == events[3:]
+        store.write(Batch(events=[event_row("t1", 4, "START")]))
+        assert [e.event for e in store.events("t1", after=2)] == ["ACK", "START"]
+    finally:
+        store.close()
+    raw = sqlite3.connect(db_path)
+    tables = {name for (name,) in raw.execute("SELECT name FROM sqlite_master")}
+    version = raw.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+    raw.close()
+    assert "events" not in tables
+    assert version == ("2",)
+    reader = open_store(url(db_path), readonly=True)
+    try:
+        assert reader.events("t1", after=3) == [event_row("t1", 4, "START")]
+    finally:
+        reader.close()
+
+
+def test_a_schema_1_store_opened_to_read_says_how_to_upgrade_it(db_path: Path) -> None:
+    schema_1_store(db_path, [event_row("t1", 1, "INIT")])
+    with pytest.raises(StoreError, match=r"schema version 1.*dsat run"):
+        open_store(url(db_path), readonly=True)
+    store = open_store(url(db_path))  # nothing was changed: the writer still upgrades it
+    try:
+        assert store.events("t1") == [event_row("t1", 1, "INIT")]
+    finally:
+        store.close()

@@ -89,8 +89,8 @@ class DeadLetter:
 class Batch:
     """Everything one tracker cycle writes, in one transaction."""
 
-    # EventRows, or already the SQL parameters (the tracker's fast path): task_id, tseq,
-    # branch, seq, attempt, event, step, where, wid, pid, at, packed detail or None, flag
+    # EventRows, or already their fields (the tracker's fast path): task_id, tseq,
+    # branch, seq, attempt, event, step, where, wid, pid, at, detail (a dict) or None, flag
     events: list[EventRow | tuple[Any, ...]] = field(default_factory=list)
     # upserts, last one wins: TaskRows, or their fields as a tuple (the tracker's fast path)
     tasks: dict[str, TaskRow | tuple[Any, ...]] = field(default_factory=dict)

@@ -10,9 +10,12 @@ from typing import Any, Final
 
 import msgpack
 
+from dsat.message import packb
 from dsat.store import Batch, DeadLetter, EventRow, ResultRow, StoreError, TaskRow
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
+# schema 1 kept a row per event (table ``events``); a store of it is upgraded when the
+# tracker opens it (_upgrade_from_1), nothing lost
 
 _SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -39,21 +42,16 @@ CREATE TABLE IF NOT EXISTS tasks (
 CREATE INDEX IF NOT EXISTS tasks_by_job ON tasks (job_id, created);
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, updated);
 CREATE INDEX IF NOT EXISTS tasks_live ON tasks (ended) WHERE ended IS NULL;
-CREATE TABLE IF NOT EXISTS events (
+-- A task's events, a chunk per tracker cycle that saw some: one row per event cost
+-- a B-tree entry and 13 bound values each, most of the tracker's write (see
+-- docs/performance.md). ``events``: a msgpack array of [tseq, branch, seq, attempt,
+-- event, step, at_satellite, wid, pid, at, detail map or nil, flag], in tseq order.
+CREATE TABLE IF NOT EXISTS history (
     task_id TEXT NOT NULL,
-    tseq INTEGER NOT NULL,
-    branch INTEGER NOT NULL,
-    seq INTEGER NOT NULL,
-    attempt INTEGER NOT NULL,
-    event TEXT NOT NULL,
-    step TEXT NOT NULL,
-    at_satellite TEXT NOT NULL,
-    wid TEXT NOT NULL,
-    pid INTEGER NOT NULL,
-    at REAL NOT NULL,
-    detail BLOB,
-    flag TEXT NOT NULL,
-    PRIMARY KEY (task_id, tseq)
+    first INTEGER NOT NULL,
+    last INTEGER NOT NULL,
+    events BLOB NOT NULL,
+    PRIMARY KEY (task_id, first)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS results (
     task_id TEXT NOT NULL,
@@ -98,9 +96,7 @@ _TASK_COLUMNS: Final = (
     "task_id, job_id, origin, state, step, attempt, error, created, updated, ended, events, "
     "anomalies, duplicates, deadline, at_satellite"
 )
-_EVENT_COLUMNS: Final = (
-    "task_id, tseq, branch, seq, attempt, event, step, at_satellite, wid, pid, at, detail, flag"
-)
+_TSEQ, _FLAG = 0, 11  # positions in a history entry
 
 # An upsert, not INSERT OR REPLACE: REPLACE deletes the row and inserts it again,
 # rewriting every index entry; this rewrites only the columns that change (a task
@@ -150,10 +146,50 @@ class SqliteStore:
             raise StoreError(f"store {self.path}: not a dsat store (no schema version)")
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] == "1" and create:
+            self._upgrade_from_1()
+        elif row[0] == "1":
+            raise StoreError(
+                f"store {self.path}: schema version 1, this dsat reads {SCHEMA_VERSION}; "
+                "start its tracker once (dsat run) to upgrade it"
+            )
         elif int(row[0]) != SCHEMA_VERSION:
             raise StoreError(
                 f"store {self.path}: schema version {row[0]}, this dsat needs {SCHEMA_VERSION}"
             )
+
+    def _upgrade_from_1(self) -> None:
+        """Schema 1 -> 2: each task's event rows become one history chunk, in one transaction."""
+        db = self._db
+        try:
+            db.execute("BEGIN")
+            rows = db.execute(
+                "SELECT task_id, tseq, branch, seq, attempt, event, step, at_satellite, wid, "
+                "pid, at, detail, flag FROM events ORDER BY task_id, tseq"
+            )
+            chunks: list[tuple[str, int, int, bytes]] = []
+            entries: list[list[Any]] = []
+            current = ""
+            for task_id, *entry in rows:
+                if task_id != current and entries:
+                    chunks.append(_chunk(current, entries))
+                    entries = []
+                current = task_id
+                entry[10] = msgpack.unpackb(entry[10], raw=False) if entry[10] else None
+                entries.append(entry)
+                if len(chunks) >= 1000:
+                    db.executemany(_INSERT_CHUNK, chunks)
+                    chunks.clear()
+            if entries:
+                chunks.append(_chunk(current, entries))
+            db.executemany(_INSERT_CHUNK, chunks)
+            db.execute("DROP TABLE events")
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        except (sqlite3.Error, ValueError, TypeError, msgpack.UnpackException) as exc:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise StoreError(f"store {self.path}: could not upgrade schema 1 to 2: {exc}") from exc
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
@@ -170,7 +206,7 @@ class SqliteStore:
             return
         try:
             # every value encoded before the transaction begins: a bad one fails alone
-            events = [e if isinstance(e, tuple) else _event_params(e) for e in batch.events]
+            chunks = _chunks(batch.events)
             tasks = [t if isinstance(t, tuple) else _task_params(t) for t in batch.tasks.values()]
         except (TypeError, ValueError, OverflowError) as exc:
             raise StoreError(
@@ -180,12 +216,8 @@ class SqliteStore:
         db = self._db
         try:
             db.execute("BEGIN")
-            if events:
-                db.executemany(
-                    f"INSERT OR REPLACE INTO events ({_EVENT_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    events,
-                )
+            if chunks:
+                db.executemany(_INSERT_CHUNK, chunks)
             if tasks:
                 db.executemany(_UPSERT_TASK, tasks)
             if batch.results:
@@ -217,11 +249,8 @@ class SqliteStore:
                         for d in batch.dead_letters
                     ],
                 )
-            if batch.flags:
-                db.executemany(
-                    "UPDATE events SET flag = ? WHERE task_id = ? AND tseq = ?",
-                    [(flag, task_id, tseq) for task_id, tseq, flag in batch.flags],
-                )
+            for task_id, tseq, flag in batch.flags:
+                self._flag(task_id, tseq, flag)
             if batch.relay:
                 db.executemany("INSERT OR REPLACE INTO relay VALUES (?, ?, ?)", batch.relay)
             if batch.relay_marks:
@@ -246,6 +275,24 @@ class SqliteStore:
             raise StoreError(
                 f"store {self.path}: could not write {len(batch.events)} events: {exc}"
             ) from exc
+
+    def _flag(self, task_id: str, tseq: int, flag: str) -> None:
+        """Mark an event already written (rare: an anomaly found later)."""
+        found = self._db.execute(
+            "SELECT first, events FROM history WHERE task_id = ? AND first <= ? AND last >= ?",
+            (task_id, tseq, tseq),
+        ).fetchone()
+        if found is None:
+            return
+        first, data = found
+        entries = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        for entry in entries:
+            if entry[_TSEQ] == tseq:
+                entry[_FLAG] = flag
+        self._db.execute(
+            "UPDATE history SET events = ? WHERE task_id = ? AND first = ?",
+            (packb(entries), task_id, first),
+        )
 
     # -- reading
 
@@ -279,11 +326,23 @@ class SqliteStore:
 
     def events(self, task_id: str, after: int = 0) -> list[EventRow]:
         with self._reading(f"events of {task_id}") as db:
-            rows = db.execute(
-                f"SELECT {_EVENT_COLUMNS} FROM events WHERE task_id = ? AND tseq > ? ORDER BY tseq",
+            chunks = db.execute(
+                "SELECT events FROM history WHERE task_id = ? AND last > ? ORDER BY first",
                 (task_id, after),
             ).fetchall()
-        return [_event_row(row) for row in rows]
+        try:
+            found = [
+                _event_row(task_id, entry)
+                for (data,) in chunks
+                for entry in msgpack.unpackb(data, raw=False, strict_map_key=False)
+                if entry[_TSEQ] > after
+            ]
+        except (ValueError, TypeError, IndexError, msgpack.UnpackException) as exc:
+            raise StoreError(
+                f"store {self.path}: events of {task_id}: bad history ({exc})"
+            ) from exc
+        found.sort(key=lambda e: e.tseq)
+        return found
 
     def tasks(
         self,
@@ -362,7 +421,7 @@ class SqliteStore:
                     (ended_before,),
                 )
             ]
-            for table in ("events", "results", "tasks"):
+            for table in ("history", "results", "tasks"):
                 db.executemany(f"DELETE FROM {table} WHERE task_id = ?", [(t,) for t in ended])
             db.execute("COMMIT")
         except sqlite3.Error as exc:
@@ -398,8 +457,37 @@ def _task_params(t: TaskRow) -> tuple[Any, ...]:
     )
 
 
+_INSERT_CHUNK: Final = "INSERT OR REPLACE INTO history VALUES (?, ?, ?, ?)"
+
+
+def _chunks(events: list[EventRow | tuple[Any, ...]]) -> list[tuple[str, int, int, bytes]]:
+    """A batch's events as history chunks: one per task, its events in tseq order."""
+    by_task: dict[str, list[Any]] = {}
+    for event in events:
+        if not isinstance(event, tuple):
+            event = _event_params(event)
+        entries = by_task.get(event[0])
+        if entries is None:
+            by_task[event[0]] = [event[1:]]
+        else:
+            entries.append(event[1:])
+    return [_chunk(task_id, entries) for task_id, entries in by_task.items()]
+
+
+def _chunk(task_id: str, entries: list[Any]) -> tuple[str, int, int, bytes]:
+    if len(entries) > 1:
+        entries.sort(key=lambda entry: entry[_TSEQ])
+    return (task_id, entries[0][_TSEQ], entries[-1][_TSEQ], packb(entries))
+
+
 def _event_params(e: EventRow) -> tuple[Any, ...]:
-    detail = msgpack.packb(e.detail, use_bin_type=True) if e.detail else None
+    """An EventRow as the tracker's fast path gives its events (the tracker checked those)."""
+    ints = (e.tseq, e.branch, e.seq, e.attempt, e.pid)
+    texts = (e.task_id, e.event, e.step, e.where, e.wid, e.flag)
+    if not all(type(v) is int for v in ints) or not all(type(v) is str for v in texts):
+        raise TypeError(f"event {e.task_id!r:.40}/{e.tseq!r:.20}: a field of the wrong type")
+    if type(e.at) not in (float, int) or not isinstance(e.detail, dict):
+        raise TypeError(f"event {e.task_id!r:.40}/{e.tseq!r:.20}: a field of the wrong type")
     return (
         e.task_id,
         e.tseq,
@@ -412,12 +500,13 @@ def _event_params(e: EventRow) -> tuple[Any, ...]:
         e.wid,
         e.pid,
         e.at,
-        detail,
+        e.detail or None,
         e.flag,
     )
 
 
-def _event_row(row: tuple[Any, ...]) -> EventRow:
-    values = list(row)
-    values[11] = msgpack.unpackb(values[11], raw=False) if values[11] else {}
-    return EventRow(*values)
+def _event_row(task_id: str, entry: list[Any]) -> EventRow:
+    tseq, branch, seq, attempt, event, step, where, wid, pid, at, detail, flag = entry
+    return EventRow(
+        task_id, tseq, branch, seq, attempt, event, step, where, wid, pid, at, detail or {}, flag
+    )
