@@ -51,6 +51,7 @@ from dsat.message import (
     Control,
     Envelope,
     Outstanding,
+    Vector,
     configure,
     control,
     decode,
@@ -81,6 +82,7 @@ LOAD_EVERY: Final = 1.0  # seconds between load reports
 MAX_BATCH: Final = 2000  # events per batch, messages read per socket per cycle
 # events sent to the tracker and not yet confirmed: more wait in the router, not in
 # the tracker's socket (a tracker behind would otherwise hold every router's backlog)
+BUNDLE_MAX: Final = 256  # task messages sent to one inbox in one message, at most
 ANSWERS: Final = frozenset({"ack", "busy", "release"})  # what a sender hears back
 EVENTS_IN_FLIGHT: Final = 2 * MAX_BATCH
 # events not yet confirmed by the tracker past which a router takes no new task: a
@@ -349,6 +351,9 @@ class Outbox:
                 if "@" not in item.target:
                     item.instance = None
             self._ready(item)
+        # What goes to one instance of this satellite this cycle leaves as one message,
+        # its task messages one after the other (the inbox takes each as if alone).
+        bundles: dict[zmq.Socket[bytes], list[Pending]] = {}
         for target, keys in self.ready.items():
             while keys:
                 item = self.pending.get(keys[0])
@@ -359,7 +364,16 @@ class Outbox:
                 if instance is None:
                     break  # every instance's window is full: wait for answers
                 keys.popleft()
-                self._send(item, instance, now)
+                if instance.remote:
+                    self._send(item, instance, now)  # one at a time: custody, per message
+                    continue
+                self._sent(item, instance, now)  # its place in the window, taken now
+                bundle = bundles.setdefault(instance.socket, [])
+                bundle.append(item)
+                if len(bundle) >= BUNDLE_MAX:
+                    self._send_bundle(instance, bundles.pop(instance.socket), now)
+        for socket, items in bundles.items():
+            self._send_bundle(self.by_socket[socket], items, now)
 
     def _send(self, item: Pending, instance: Instance | None, now: float) -> None:
         if instance is None:
@@ -372,11 +386,24 @@ class Outbox:
                 item.instance = None  # not connected, or its pipe is full: later, elsewhere
             self._schedule(item, now + 0.05)
             return
+        self._sent(item, instance, now)
+
+    def _sent(self, item: Pending, instance: Instance, now: float) -> None:
         item.instance = instance
         if not item.custody:
             instance.in_flight += 1
         item.tries += 1
         self._schedule(item, now + ACK_TIMEOUT)
+
+    def _send_bundle(self, instance: Instance, items: list[Pending], now: float) -> None:
+        frames = items[0].frames if len(items) == 1 else [f for i in items for f in i.frames]
+        try:
+            send_frames(instance.socket, frames, NOBLOCK)
+        except zmq.Again:
+            for item in items:  # not connected, or its pipe is full: later, elsewhere
+                self._free(item)
+                item.instance = None
+                self._schedule(item, now + 0.05)
 
     # -- answers
 
@@ -930,40 +957,50 @@ class Router(FixedPoint):
 
     def read_inbox(self, inbox: zmq.Socket[bytes]) -> None:
         remote = inbox in self.remote_inboxes
-        for frames in drain(inbox, MAX_BATCH):
-            peer, frames = frames[0], frames[1:]
-            try:
-                vector = decode(frames, max_size=self.topology.defaults.max_message_size)
-            except MessageError as exc:
-                self.malformed("in", exc)
-                continue
-            envelope = vector.envelope
-            if envelope.serialization == "pickle" and not self.topology.defaults.allow_pickle:
-                # never unpickled, never passed on: unpickling runs code
-                self.malformed("in", MessageError("a pickle payload, and pickle is not enabled"))
-                continue
-            key = (envelope.task_id, envelope.branch, envelope.seq)
-            if key in self.items or key in self.recent:
-                # again (a resend, or a custody check): we have it, or had it and are done
-                self.counters.duplicates += 1
-                self.reply(inbox, peer, "ack", key)
-                if remote and key in self.recent:
-                    self.reply(inbox, peer, "release", key)
-                continue
-            if self.full or (envelope.event is Event.PROPAGATE and not self.has_room()):
-                self.counters.refused += 1
-                self.reply(inbox, peer, "busy", key)
-                continue
-            self.counters.accepted += 1
-            item = Item(key, envelope, vector.payload, frames, attempt=envelope.attempt or 1)
-            if remote:
-                item.sender = (inbox, peer)
-            self.items[key] = item
-            self.journal.accept(key, frames)
-            self.event(envelope, Event.ACK, attempt=1)
-            self.reply(inbox, peer, "ack", key)
-            self.accepted(item)
+        for message in drain(inbox, MAX_BATCH):
+            peer = message[0]
+            for frames, decoded in _task_messages(message, self.topology):
+                if isinstance(decoded, MessageError):
+                    self.malformed("in", decoded)
+                    continue
+                self.take(inbox, remote, peer, frames, decoded)
         self.send_replies()
+
+    def take(
+        self,
+        inbox: zmq.Socket[bytes],
+        remote: bool,
+        peer: bytes,
+        frames: list[bytes],
+        vector: Vector,
+    ) -> None:
+        """One task message from an inbox: accept it (journal, ACK) or refuse it."""
+        envelope = vector.envelope
+        if envelope.serialization == "pickle" and not self.topology.defaults.allow_pickle:
+            # never unpickled, never passed on: unpickling runs code
+            self.malformed("in", MessageError("a pickle payload, and pickle is not enabled"))
+            return
+        key = (envelope.task_id, envelope.branch, envelope.seq)
+        if key in self.items or key in self.recent:
+            # again (a resend, or a custody check): we have it, or had it and are done
+            self.counters.duplicates += 1
+            self.reply(inbox, peer, "ack", key)
+            if remote and key in self.recent:
+                self.reply(inbox, peer, "release", key)
+            return
+        if self.full or (envelope.event is Event.PROPAGATE and not self.has_room()):
+            self.counters.refused += 1
+            self.reply(inbox, peer, "busy", key)
+            return
+        self.counters.accepted += 1
+        item = Item(key, envelope, vector.payload, frames, attempt=envelope.attempt or 1)
+        if remote:
+            item.sender = (inbox, peer)
+        self.items[key] = item
+        self.journal.accept(key, frames)
+        self.event(envelope, Event.ACK, attempt=1)
+        self.reply(inbox, peer, "ack", key)
+        self.accepted(item)
 
     def send_replies(self) -> None:
         for (socket, peer, kind), keys in self.replies.items():
@@ -1623,6 +1660,24 @@ class QueueRouter(Router):
         for worker in self.workers.values():
             os.close(worker.pidfd)
         self.work.close(linger=0)
+
+
+def _task_messages(
+    message: list[bytes], topology: Topology
+) -> Iterator[tuple[list[bytes], Vector | MessageError]]:
+    """The task messages of what an inbox received (after the sender's identity): one, or
+    several one after the other (a bundle); each decoded, or the error that it is not."""
+    max_size = topology.defaults.max_message_size
+    count = len(message) - 1
+    if count % 3 or not count:
+        yield [], MessageError(f"message: need 3 frames per task message, got {count}")
+        return
+    for start in range(1, len(message), 3):
+        frames = message[start : start + 3]
+        try:
+            yield frames, decode(frames, max_size=max_size)
+        except MessageError as exc:
+            yield frames, exc
 
 
 def parent_of(pid: int) -> int:
