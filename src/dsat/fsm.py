@@ -160,8 +160,10 @@ class TaskMachine:
     """
 
     __slots__ = (
+        "_bad",
         "_big",
         "_forks",
+        "_in_order",
         "_places",
         "_seen",
         "_xor",
@@ -217,6 +219,17 @@ class TaskMachine:
         self._forks: set[int] | None = None
         self.parents: dict[int, int] | None = None  # fanned-out branch -> the branch it came from
         self._xor = 0
+        # Every event so far came in position order on the root branch, each a transition
+        # that can happen: the history is then whole as it stands, and the (costly) check
+        # of the whole history is not needed when the task closes. Any doubt (an event
+        # out of order, a problem, a fan-out) and the whole history is checked.
+        self._in_order = True
+        # Once the whole history was checked (when the task first closed), how many of its
+        # transitions cannot happen; kept up to date as late events fill the gaps, so each
+        # does not check the whole history again (events of a loaded pipeline often come
+        # after the task closed: HAPPY_END before an earlier hop's END). -1: not known, or
+        # a fan-out (several branches): the whole history is checked.
+        self._bad = -1
 
     @property
     def closed(self) -> bool:
@@ -266,6 +279,49 @@ class TaskMachine:
         self._seen.append(self.tseq << 4 | _EVENT_INDEX[event])
         return None
 
+    def _whole(self) -> bool:
+        """Is every transition of the history one that can happen (so far)?"""
+        if self._in_order:
+            return True
+        if self._bad >= 0:
+            return self._bad == 0
+        problems = self.problems()
+        if self._forks is None and not self._big:
+            self._bad = len(problems)
+        return not problems
+
+    def _count_bad(self, branch: int, seq: int, attempt: int, rank: int, event: Event) -> None:
+        """A new event of the root branch: the transitions it breaks and makes, counted.
+
+        In position order it comes between two events seen (or first, or last): the
+        transition between those two goes, the two it makes with them come.
+        """
+        key = _place_key(branch, seq, attempt, rank)
+        if key is None or self._big or self._forks is not None:
+            self._bad = -1
+            return
+        places = self._places
+        before = after = -1
+        for index, other in enumerate(places):
+            if other < key:
+                if before < 0 or other > places[before]:
+                    before = index
+            elif other > key and (after < 0 or other < places[after]):
+                after = index
+        here = (seq, attempt, rank)
+        prev, prev_at = self._at(before) if before >= 0 else (None, None)
+        bad = 1 if _transition_problem(prev, prev_at, event, here) else 0
+        if after >= 0:
+            follower, at = self._at(after)
+            bad += 1 if _transition_problem(event, here, follower, at) else 0
+            bad -= 1 if _transition_problem(prev, prev_at, follower, at) else 0
+        self._bad += bad
+
+    def _at(self, index: int) -> tuple[Event, Position]:
+        """The event seen at an index of the packed places, and its position."""
+        _, seq, attempt, rank = _unpack_place(self._places[index])
+        return _EVENTS[self._seen[index] & 15], (seq, attempt, rank)
+
     def problems(self) -> list[tuple[int, str]]:
         """Transitions of the history (so far) that cannot happen: (tseq, reason)."""
         return check_history(self.history, self.parents)
@@ -308,6 +364,16 @@ class TaskMachine:
             return Outcome(self.tseq, flag, False)
         place = (seq, attempt, rank)
 
+        head = self.heads.get(branch)
+        if self._in_order and (
+            branch != ROOT
+            or (head is not None and place <= head.position)
+            or _transition_problem(
+                head.event if head else None, head.position if head else None, event, place
+            )
+        ):
+            self._in_order = False
+
         if event is Event.INIT:
             self.rooted = True
             self._xor ^= branch
@@ -330,13 +396,14 @@ class TaskMachine:
         if event in (Event.ERROR, Event.TIMEOUT) and error:
             self.error = error
 
-        if self.closed and not self.problems():
+        if self._bad >= 0:
+            self._count_bad(branch, seq, attempt, rank, event)
+        if self.closed and self._whole():
             self.ended = True
         elif not self.forced:
             # not closed, or a gap: a new event after the end (the first events of a
             # retry may arrive before its RETRY) reopens the task until it is whole again
             self.ended = False
-        head = self.heads.get(branch)
         if head is None or place > head.position:
             self.heads[branch] = Head(place, event, step, attempt)
             if self.state is None or not self.ended:
@@ -353,6 +420,8 @@ class TaskMachine:
             return
         if self._forks is None or self.parents is None:
             self._forks, self.parents = set(), {}
+        self._in_order = False  # branches besides the root: the whole history is checked
+        self._bad = -1
         self._forks.add(parent)
         self._xor ^= parent
         for child in children:

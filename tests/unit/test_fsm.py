@@ -610,6 +610,58 @@ def test_a_task_missing_any_one_event_never_ends_by_itself(
         assert machine.problems(), f"no problem without {gone}"
 
 
+def test_a_history_that_came_in_order_is_not_checked_whole_again_when_it_closes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    checks: list[int] = []
+
+    def counted(*args: Any) -> list[tuple[int, str]]:
+        checks.append(1)
+        return check_history(*args)
+
+    monkeypatch.setattr("dsat.fsm.check_history", counted)
+    events = task_history([OK, ((ERROR,), False), OK])
+    _, outcomes = run(events)
+    assert ended_on(outcomes) == [len(events) - 1]
+    assert checks == []  # each event was checked against the one before it, as it came
+
+    # the END of the first hop after the ACK of the second: checked whole when it closes
+    end = next(i for i, ev in enumerate(events) if ev.event is END)
+    late = events[:end] + events[end + 2 : end + 3] + events[end : end + 2] + events[end + 3 :]
+    _, outcomes = run(late)
+    assert ended_on(outcomes) == [len(late) - 1]
+    assert checks
+
+
+def told(events: Sequence[Ev], *, whole: bool) -> list[tuple[bool, Event | None, str]]:
+    """What a machine says after each event: over, state, flag. ``whole``: it checks the
+    whole history at every close, as if no event had come in order and no count of its
+    bad transitions were kept."""
+    machine = TaskMachine(TASK_ID, "job")
+    said = []
+    for i, ev in enumerate(events):
+        if whole:
+            machine._in_order, machine._bad = False, -1
+        outcome = ev.apply_to(machine, at=1000.0 + i)
+        said.append((outcome.over, machine.state, outcome.flag))
+    return said
+
+
+@NO_SHRINK
+@given(any_history, st.data())
+def test_checking_as_events_come_says_what_checking_the_whole_history_says(
+    events: list[Ev], data: st.DataObject
+) -> None:
+    change = data.draw(st.sampled_from(["whole", "one missing", "one twice"]))
+    index = data.draw(st.integers(0, len(events) - 1))
+    if change == "one missing":
+        events = events[:index] + events[index + 1 :]
+    elif change == "one twice":
+        events = events[: index + 1] + events[index:]
+    arrival = data.draw(st.one_of(producer_orders(events), st.permutations(events)))
+    assert told(arrival, whole=False) == told(arrival, whole=True), brief(arrival)
+
+
 @settings(SETTINGS, max_examples=50)
 @given(any_history, st.data())
 def test_a_duplicate_is_flagged_and_changes_nothing(events: list[Ev], data: st.DataObject) -> None:
