@@ -55,7 +55,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, NamedTuple, TypeVar
 
 import msgpack
 import zmq
@@ -202,6 +202,16 @@ def encode(envelope: Envelope, payload: bytes = b"") -> list[bytes]:
 
 def decode(frames: Sequence[bytes], *, max_size: int = DEFAULT_MAX_SIZE) -> Vector:
     """Check and read the frames of a task message; raise MessageError saying what is wrong."""
+    if type(frames) is list and len(frames) == 3:  # as received: the common case at once
+        version, header, payload = frames
+        if type(version) is bytes and type(header) is bytes and type(payload) is bytes:
+            if len(version) + len(header) + len(payload) > max_size:
+                raise MessageError(
+                    f"message: {len(version) + len(header) + len(payload)} bytes is over "
+                    f"the {max_size}-byte limit"
+                )
+            check_protocol(version)
+            return Vector(read_header(header), payload)
     if not isinstance(frames, Sequence) or isinstance(frames, bytes | str):
         raise MessageError(f"message: need a list of frames, got {type(frames).__name__}")
     if len(frames) != 3:
@@ -320,6 +330,39 @@ def read_header(data: bytes) -> Envelope:
         timestamps=timestamps,
         serialization=header["serialization"],
     )
+
+
+class TaskRef(NamedTuple):
+    """What a worker needs of a task message (see :func:`read_checked`)."""
+
+    task_id: str
+    job_id: str
+    seq: int
+    attempt: int
+    branch: int
+    serialization: str
+
+
+def read_checked(frames: Sequence[bytes]) -> TaskRef:
+    """The fields a worker needs of a task message its own queue already read in full
+    (:func:`decode`, every field checked, before it journaled the task): read again
+    without checking each field or building an Envelope, a quarter of the cost.
+    MessageError if it is not a task message at all."""
+    if len(frames) != 3:
+        raise MessageError(f"message: need 3 frames [version, header, payload], got {len(frames)}")
+    check_protocol(frames[0])
+    try:
+        header = msgpack.unpackb(frames[1], raw=False)
+        return TaskRef(
+            header["task_id"],
+            header["job_id"],
+            header["seq"],
+            header["attempt"],
+            header["branch"],
+            header["serialization"],
+        )
+    except (KeyError, TypeError, ValueError, RecursionError, msgpack.UnpackException) as exc:
+        raise MessageError(f"header: not one of a task message ({exc!r:.80})") from exc
 
 
 # ---------------------------------------------------------------------------

@@ -41,12 +41,12 @@ import zmq
 
 from dsat.errors import MessageError
 from dsat.message import (
-    Envelope,
+    TaskRef,
     configure,
     control,
-    decode,
     dumps,
     loads,
+    read_checked,
     recv_frames,
     send_frames,
 )
@@ -294,36 +294,35 @@ class Worker:
         if not frames or len(frames) % 3:
             log.warning("ignored a malformed message from the router: %d frames", len(frames))
             return
-        max_size = self.topology.defaults.max_message_size
         for start in range(0, len(frames), 3):
             if self.stopping:
                 return  # asked to leave: the router takes back what was not started
             try:
-                vector = decode(frames[start : start + 3], max_size=max_size)
+                ref = read_checked(frames[start : start + 3])
             except MessageError as exc:
                 log.warning("ignored a malformed message from the router: %s", exc)
                 continue
-            self._answer(vector.envelope, vector.payload)
+            self._answer(ref, frames[start + 2])
 
     def _announce(self) -> None:
         body = {"free": self.capacity, "pid": os.getpid(), "wid": self.wid}
         send_frames(self.socket, control("credit", body))
 
-    def _answer(self, envelope: Envelope, payload: bytes) -> None:
+    def _answer(self, ref: TaskRef, payload: bytes) -> None:
         task = Task(
-            task_id=envelope.task_id,
-            job_id=envelope.job_id,
+            task_id=ref.task_id,
+            job_id=ref.job_id,
             step=self.step.name,
-            attempt=envelope.attempt,
+            attempt=ref.attempt,
             satellite=self.satellite,
             options=self.step.options,
-            branch=envelope.branch,
+            branch=ref.branch,
         )
         result = b""
         serialization = self.step.serialization
         try:
             value = loads(
-                payload, envelope.serialization, allow_pickle=self.topology.defaults.allow_pickle
+                payload, ref.serialization, allow_pickle=self.topology.defaults.allow_pickle
             )
         except MessageError as exc:
             outcome = Attempt("ERROR", error=f"payload: {exc}")
@@ -337,8 +336,8 @@ class Worker:
             except MessageError as exc:
                 outcome = Attempt("ERROR", error=f"result: {exc}", elapsed=outcome.elapsed)
         body = {
-            "key": [envelope.task_id, envelope.branch, envelope.seq],
-            "attempt": envelope.attempt,
+            "key": [ref.task_id, ref.branch, ref.seq],
+            "attempt": ref.attempt,
             "status": outcome.status,
             "targets": list(outcome.targets),
             "error": outcome.error,

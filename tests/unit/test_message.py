@@ -23,6 +23,7 @@ from dsat.message import (
     encode,
     loads,
     packb,
+    read_checked,
 )
 
 ENVELOPE = Envelope(
@@ -57,6 +58,39 @@ def test_encode_then_decode_gives_back_every_field() -> None:
     assert vector.envelope == ENVELOPE
     assert vector.payload == b'{"x":1}'
     assert vector.value() == {"x": 1}
+
+
+def test_a_worker_reads_back_the_fields_it_needs_of_a_checked_message() -> None:
+    frames = encode(ENVELOPE, b"payload")
+    ref = read_checked(frames)
+    envelope = decode(frames).envelope
+    assert ref == (
+        envelope.task_id,
+        envelope.job_id,
+        envelope.seq,
+        envelope.attempt,
+        envelope.branch,
+        envelope.serialization,
+    )
+    assert (ref.task_id, ref.seq, ref.branch, ref.serialization) == ("t-1", 3, 77, "json")
+
+
+@pytest.mark.parametrize(
+    ("frames", "problem"),
+    [
+        ([PROTOCOL_FRAME, header_of()], "need 3 frames"),
+        ([b"0.1.0", header_of(), b""], "protocol version"),
+        ([PROTOCOL_FRAME, b"\xc1", b""], "not one of a task message"),
+        ([PROTOCOL_FRAME, packb([1, 2]), b""], "not one of a task message"),
+        ([PROTOCOL_FRAME, packb({"task_id": "t"}), b""], "not one of a task message"),
+    ],
+    ids=["two frames", "another protocol", "not msgpack", "not a map", "fields missing"],
+)
+def test_what_is_not_a_task_message_at_all_is_refused_by_the_worker_reader(
+    frames: list[bytes], problem: str
+) -> None:
+    with pytest.raises(MessageError, match=problem):
+        read_checked(frames)
 
 
 @pytest.mark.parametrize("serialization", ["msgpack", "json"])
