@@ -59,6 +59,7 @@ NEXT: Final[Mapping[Event, frozenset[Event]]] = {
 }
 
 TERMINAL: Final = frozenset({Event.HAPPY_END, Event.FAILURE})
+NAME: Final[Mapping[Event, str]] = {event: event.value for event in Event}  # no enum lookup
 
 # Order of the events of one try at one hop (see the module docstring).
 RANK: Final[Mapping[Event, int]] = {

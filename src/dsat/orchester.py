@@ -124,10 +124,6 @@ class Orchester(FixedPoint):
                 self.forwarded(key)
         self.replayed.tasks.clear()
 
-    @property
-    def step_name(self) -> str:
-        return ""
-
     def live_entries(self) -> list[tuple[Key, Entry]]:
         return [
             (

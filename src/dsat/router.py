@@ -44,7 +44,7 @@ import zmq
 from dsat import curve
 from dsat.curve import Guard
 from dsat.errors import MessageError
-from dsat.fsm import Event
+from dsat.fsm import NAME, Event
 from dsat.journal import Entry, Forward, Journal, Key
 from dsat.message import (
     NOBLOCK,
@@ -64,7 +64,7 @@ from dsat.message import (
     packb,
     send_frames,
 )
-from dsat.topology import Kind, Step, Topology, get_connection, inbox_address
+from dsat.topology import ORCHESTER, Kind, Step, Topology, get_connection, inbox_address
 from dsat.worker import Attempt, Task, conditions_of, function_of, run_attempt
 
 log = logging.getLogger("dsat.router")
@@ -547,6 +547,8 @@ class FixedPoint:
         self.topology = topology
         self.guard = guard
         self.node = node
+        # "cpu" of "cpu.queue"; the orchester's events belong to no step
+        self.step_name = "" if node == ORCHESTER else node.split(".", 1)[0]
         self.satellite = satellite
         self.context = context
         self.plan = get_connection(topology, node, satellite=satellite)
@@ -623,7 +625,7 @@ class FixedPoint:
                 envelope.branch if branch is None else branch,
                 envelope.seq if seq is None else seq,
                 envelope.attempt if attempt is None else attempt,
-                event.value,
+                NAME[event],
                 self.step_name,
                 self.satellite,
                 envelope.origin,
@@ -633,10 +635,6 @@ class FixedPoint:
                 detail,
             ]
         )
-
-    @property
-    def step_name(self) -> str:
-        return self.node.split(".", 1)[0]
 
     def malformed(self, where: str, exc: MessageError) -> None:
         """Count a bad message per socket and log it, at most once a second."""

@@ -33,7 +33,7 @@ import zmq
 from dsat import curve
 from dsat.curve import Guard
 from dsat.errors import MessageError
-from dsat.fsm import Event, TaskMachine
+from dsat.fsm import NAME, Event, TaskMachine
 from dsat.message import (
     AT,
     ATTEMPT,
@@ -320,7 +320,7 @@ class Tracker:
                 row[BRANCH],
                 row[SEQ],
                 row[ATTEMPT],
-                event.value,
+                NAME[event],
                 row[STEP],
                 row[WHERE],
                 row[WID],
@@ -374,7 +374,7 @@ class Tracker:
             "branch": row[BRANCH],
             "seq": row[SEQ],
             "attempt": row[ATTEMPT],
-            "event": event.value,
+            "event": NAME[event],
             "step": row[STEP],
             "where": row[WHERE],
             "wid": row[WID],
