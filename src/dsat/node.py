@@ -29,6 +29,7 @@ log = logging.getLogger("dsat.node")
 
 PR_SET_PDEATHSIG: Final = 1
 SUPERVISOR_ENV: Final = "DSAT_SUPERVISOR_PID"
+CANNOT_START: Final = "cannot start: "  # what a node logs when it cannot (dsat run reads it)
 # Collect young objects every 100,000 allocations instead of 700, and the old ones
 # far less often: a node allocates a few containers per message, nearly all freed
 # by reference counting, and each collection walks the tracker's live tasks again.
@@ -129,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runnable = build(args, context)
     except DsatError as exc:
-        log.error("cannot start: %s", exc)
+        log.error("%s%s", CANNOT_START, exc)
         return 2
 
     def on_signal(signum: int, frame: Any) -> None:

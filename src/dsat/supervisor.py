@@ -34,7 +34,7 @@ from typing import Any, Final, Protocol
 
 from dsat.errors import DsatError
 from dsat.metrics import Sample, desired_workers
-from dsat.node import SUPERVISOR_ENV, die_with_parent
+from dsat.node import CANNOT_START, SUPERVISOR_ENV, die_with_parent
 from dsat.topology import (
     ORCHESTER,
     TRACKER,
@@ -47,6 +47,11 @@ from dsat.topology import (
 log = logging.getLogger("dsat.supervisor")
 
 CONTROL_TIMEOUT: Final = 10.0
+# A node that could not start this many times (a store, a journal or keys it cannot
+# use: restarting will not help) stops dsat run, which says why, instead of it
+# looking up while circus restarts the node over and over.
+START_FAILURES: Final = 3
+LOG_CHECK_EVERY: Final = 1.0  # seconds between two looks at the nodes' logs
 KEEP_RUNS: Final = 10
 
 
@@ -324,6 +329,38 @@ def watches_of(topology: Topology, satellite: str, run_dir: str) -> list[Watch]:
     return watches
 
 
+class StartFailures:
+    """Reads what the nodes log (only what is new each time) for their start failures."""
+
+    def __init__(self, run_dir: str, nodes: Sequence[str]) -> None:
+        self.paths = {node: os.path.join(run_dir, f"{node}.log") for node in nodes}
+        self.offsets: dict[str, int] = {}
+        self.failures: collections.Counter[str] = collections.Counter()
+
+    def check(self) -> None:
+        """SupervisorError naming the node and why, once one failed START_FAILURES times."""
+        for node, path in self.paths.items():
+            offset = self.offsets.get(node, 0)
+            try:
+                with open(path, "rb") as log_file:
+                    log_file.seek(offset)
+                    data = log_file.read(1 << 20)
+            except OSError:
+                continue  # no log yet
+            whole = data.rfind(b"\n") + 1  # a line still being written is read next time
+            self.offsets[node] = offset + whole
+            for line in data[:whole].decode("utf-8", "replace").splitlines():
+                at = line.find(f"ERROR {CANNOT_START}")
+                if at < 0:
+                    continue
+                self.failures[node] += 1
+                if self.failures[node] >= START_FAILURES:
+                    reason = line[at + len("ERROR ") + len(CANNOT_START) :]
+                    raise SupervisorError(
+                        f"{node} cannot start ({self.failures[node]} tries): {reason} (see {path})"
+                    )
+
+
 class Satellite:
     """``dsat run``: start a satellite, keep it running, stop it in order."""
 
@@ -377,13 +414,19 @@ class Satellite:
         circus dies."""
         deadline = time.monotonic() + duration if duration else None
         scaler = Autoscaler(self.topology, self.name, self.manager)
+        starts = StartFailures(self.run_dir, [node.name for node in self.topology.nodes(self.name)])
+        last_check = 0.0
         try:
             while not self.stop_requested:
                 if not self.manager.alive():
                     raise SupervisorError(f"the circus arbiter died; see {self.run_dir}/circus.log")
-                if deadline and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if deadline and now >= deadline:
                     return
-                scaler.tick(time.monotonic())
+                if now - last_check >= LOG_CHECK_EVERY:
+                    starts.check()
+                    last_check = now
+                scaler.tick(now)
                 time.sleep(0.2)
         finally:
             scaler.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 import dsat
 from conftest import RunningSatellite, wait_for
 from dsat.fsm import RANK, Event
+from dsat.store import open_store
 
 HEADER = """
 [satellite.local]
@@ -761,3 +763,53 @@ def test_sigkill_to_dsat_run_leaves_no_orphan_behind(
                     left[pid] = psutil.Process(pid).cmdline()
             raise AssertionError(f"still running 30 s after SIGKILL to dsat run: {left}")
         time.sleep(0.1)
+
+
+def test_a_node_that_cannot_start_stops_dsat_run_with_why(
+    satellite: Callable[..., RunningSatellite],
+) -> None:
+    # the tracker's store is of a newer layout than this dsat reads: restarting the
+    # tracker cannot help, so dsat run must say so and stop, not look up meanwhile
+    running = satellite(
+        """
+        [satellite.local]
+        runtime_dir = "RUNTIME"
+
+        [store]
+        url = "sqlite:///future.db"
+
+        [step.double]
+        call = "fns:double"
+        entry = true
+        """,
+        {"fns": "def double(n):\n    return n * 2\n"},
+        start=False,
+    )
+    store = running.directory / "future.db"
+    open_store(f"sqlite:///{store}").close()
+    raw = sqlite3.connect(store)
+    with raw:
+        raw.execute("UPDATE meta SET value = '9' WHERE key = 'schema'")
+    raw.close()
+    started = time.monotonic()
+    with open(running.output, "ab") as out:
+        running.process = subprocess.Popen(
+            [sys.executable, "-m", "dsat", "run", str(running.topology)],
+            cwd=running.directory,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def exited() -> bool:
+        running.known_pids |= set(running.tree())  # to check none is left behind
+        return running.process is not None and running.process.poll() is not None
+
+    wait_for(exited, timeout=60)
+    assert running.process.returncode == 1
+    assert time.monotonic() - started < 30
+    output = running.log()
+    assert "tracker cannot start (3 tries)" in output
+    assert "schema version 9" in output
+    assert "tracker.log" in output
+    assert running.survivors() == []

@@ -498,6 +498,35 @@ def test_a_schema_1_store_is_upgraded_with_every_event(db_path: Path) -> None:
         reader.close()
 
 
+EARLY_TASKS = """
+CREATE TABLE tasks (
+    task_id TEXT PRIMARY KEY, job_id TEXT NOT NULL, origin TEXT NOT NULL,
+    state TEXT NOT NULL, step TEXT NOT NULL, attempt INTEGER NOT NULL, error TEXT NOT NULL,
+    created REAL NOT NULL, updated REAL NOT NULL, ended REAL, events INTEGER NOT NULL,
+    anomalies INTEGER NOT NULL, duplicates INTEGER NOT NULL, deadline REAL NOT NULL
+);
+INSERT INTO tasks VALUES ('t1', 'job', 'local', 'ACK', 'cpu', 1, '', 100.0, 101.0, NULL,
+                          3, 0, 0, 0.0);
+"""
+
+
+def test_an_early_schema_1_store_gains_the_columns_it_lacks(db_path: Path) -> None:
+    # the first stores of schema 1 had no at_satellite column in their tasks table
+    schema_1_store(db_path, [event_row("t1", 1, "INIT")])
+    raw = sqlite3.connect(db_path)
+    with raw:
+        raw.executescript(EARLY_TASKS)
+    raw.close()
+    store = open_store(url(db_path))
+    try:
+        assert store.task("t1") == task_row("t1", state="ACK", events=3, at_satellite="")
+        store.write(Batch(tasks={"t1": task_row("t1")}))
+        assert store.task("t1") == task_row("t1")
+        assert store.events("t1") == [event_row("t1", 1, "INIT")]
+    finally:
+        store.close()
+
+
 def test_a_schema_1_store_opened_to_read_says_how_to_upgrade_it(db_path: Path) -> None:
     schema_1_store(db_path, [event_row("t1", 1, "INIT")])
     with pytest.raises(StoreError, match=r"schema version 1.*dsat run"):

@@ -97,6 +97,7 @@ _TASK_COLUMNS: Final = (
     "anomalies, duplicates, deadline, at_satellite"
 )
 _TSEQ, _FLAG = 0, 11  # positions in a history entry
+_LATE_COLUMNS: Final = {"at_satellite": "at_satellite TEXT NOT NULL DEFAULT ''"}
 
 # An upsert, not INSERT OR REPLACE: REPLACE deletes the row and inserts it again,
 # rewriting every index entry; this rewrites only the columns that change (a task
@@ -184,12 +185,20 @@ class SqliteStore:
                 chunks.append(_chunk(current, entries))
             db.executemany(_INSERT_CHUNK, chunks)
             db.execute("DROP TABLE events")
+            self._add_missing_columns()
             db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
             db.execute("COMMIT")
         except (sqlite3.Error, ValueError, TypeError, msgpack.UnpackException) as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise StoreError(f"store {self.path}: could not upgrade schema 1 to 2: {exc}") from exc
+
+    def _add_missing_columns(self) -> None:
+        """Columns schema 1 gained without a new version (a store of an early 1 lacks them)."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(tasks)")}
+        for column, sql in _LATE_COLUMNS.items():
+            if column not in have:
+                self._db.execute(f"ALTER TABLE tasks ADD COLUMN {sql}")
 
     @contextmanager
     def _reading(self, what: str) -> Iterator[sqlite3.Connection]:
