@@ -135,7 +135,8 @@ class RunningSatellite:
         self.process: subprocess.Popen[bytes] | None = None
         self.known_pids: set[int] = set()
 
-    def start(self, timeout: float = 30.0) -> RunningSatellite:
+    def launch(self) -> subprocess.Popen[bytes]:
+        """Start `dsat run`, its output to `self.output`, without waiting for anything."""
         with open(self.output, "ab") as out:
             self.process = subprocess.Popen(
                 [*self.prefix, sys.executable, "-m", "dsat", "run", str(self.topology), *self.args],
@@ -144,6 +145,11 @@ class RunningSatellite:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+        return self.process
+
+    def start(self, timeout: float = 30.0) -> RunningSatellite:
+        """Start `dsat run` and wait until its tracker answers."""
+        self.process = self.launch()
         deadline = time.monotonic() + timeout
         while True:
             assert self.process.poll() is None, f"dsat run exited:\n{self.output.read_text()}"

@@ -348,6 +348,8 @@ class StartFailures:
             except OSError:
                 continue  # no log yet
             whole = data.rfind(b"\n") + 1  # a line still being written is read next time
+            if not whole and len(data) == 1 << 20:
+                whole = len(data)  # a megabyte without an end of line: not a start failure
             self.offsets[node] = offset + whole
             for line in data[:whole].decode("utf-8", "replace").splitlines():
                 at = line.find(f"ERROR {CANNOT_START}")

@@ -10,41 +10,25 @@ fed by a DEALER playing the previous step).
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import zmq
+from bundlekit import node_process, task, write_topology
 
 from conftest import wait_for
-from dsat.message import PROTOCOL_FRAME, Envelope, decode, decode_control, dumps, encode
+from dsat.message import PROTOCOL_FRAME, decode, decode_control
 from dsat.router import Outbox, Pending
 from dsat.topology import Topology, inbox_address, load_topology
-
-TOPOLOGY = """
-[satellite.local]
-runtime_dir = "{runtime}"
-
-[store]
-url = "sqlite:///status.db"
-
-[step.double]
-call = "steps:double"
-entry = true
-"""
 
 Context = zmq.Context[zmq.Socket[bytes]]
 
 
 @pytest.fixture
 def topology(tmp_path: Path, ipc_dir: Path) -> Topology:
-    (tmp_path / "steps.py").write_text("def double(n):\n    return n * 2\n")
-    path = tmp_path / "topology.toml"
-    path.write_text(TOPOLOGY.format(runtime=ipc_dir))
-    return load_topology(path)
+    return load_topology(write_topology(tmp_path, ipc_dir))
 
 
 @pytest.fixture
@@ -52,11 +36,6 @@ def context() -> Iterator[Context]:
     made: Context = zmq.Context()
     yield made
     made.destroy(linger=0)
-
-
-def task(n: int, value: int = 1) -> list[bytes]:
-    envelope = Envelope(task_id=f"task{n:04d}", job_id="j", seq=1, step="", next="double")
-    return encode(envelope, dumps(value))
 
 
 def key(n: int) -> tuple[str, int, int]:
@@ -122,35 +101,15 @@ def queue_inbox(
     tmp_path: Path, topology: Topology, context: Context
 ) -> Iterator[zmq.Socket[bytes]]:
     """A DEALER to the inbox of a real queue router process (stopped by pid)."""
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dsat.node",
-            "--topology",
-            str(tmp_path / "topology.toml"),
-            "--satellite",
-            "local",
-            "--node",
-            "double.queue",
-        ],
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-    )
     sender = context.socket(zmq.DEALER)
     sender.setsockopt(zmq.LINGER, 0)
     sender.setsockopt(zmq.RCVTIMEO, 10_000)
     sender.connect(inbox_address(topology, "local", "local", "double"))
     try:
-        yield sender
+        with node_process(tmp_path / "topology.toml", "double.queue"):
+            yield sender
     finally:
         sender.close(linger=0)
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
 
 
 def acked(sender: zmq.Socket[bytes], count: int) -> list[tuple[str, int, int]]:

@@ -792,21 +792,14 @@ def test_a_node_that_cannot_start_stops_dsat_run_with_why(
         raw.execute("UPDATE meta SET value = '9' WHERE key = 'schema'")
     raw.close()
     started = time.monotonic()
-    with open(running.output, "ab") as out:
-        running.process = subprocess.Popen(
-            [sys.executable, "-m", "dsat", "run", str(running.topology)],
-            cwd=running.directory,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-        )
+    process = running.launch()
 
     def exited() -> bool:
         running.known_pids |= set(running.tree())  # to check none is left behind
-        return running.process is not None and running.process.poll() is not None
+        return process.poll() is not None
 
     wait_for(exited, timeout=60)
-    assert running.process.returncode == 1
+    assert process.returncode == 1
     assert time.monotonic() - started < 30
     output = running.log()
     assert "tracker cannot start (3 tries)" in output

@@ -8,8 +8,6 @@ binds it, and a real worker process (``python -m dsat.node``) started beside it.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,36 +16,16 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
+from bundlekit import node_process, task, write_topology
 
-from dsat.message import Envelope, decode_control, dumps, encode, recv_frames
+from dsat.message import decode_control, recv_frames
 from dsat.topology import get_connection, load_topology
-
-TOPOLOGY = """
-[satellite.local]
-runtime_dir = "{runtime}"
-
-[store]
-url = "sqlite:///status.db"
-
-[step.double]
-call = "steps:double"
-entry = true
-"""
-
-STEPS = """
-def double(n):
-    if n < 0:
-        raise ValueError("negative")
-    return n * 2
-"""
 
 
 @pytest.fixture
 def worker_socket(tmp_path: Path, ipc_dir: Path) -> Iterator[zmq.Socket[bytes]]:
     """The queue's work socket, bound; a worker process connected to it (stopped by pid)."""
-    (tmp_path / "steps.py").write_text(STEPS)
-    path = tmp_path / "topology.toml"
-    path.write_text(TOPOLOGY.format(runtime=ipc_dir))
+    path = write_topology(tmp_path, ipc_dir)
     topology = load_topology(path)
     context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     work = context.socket(zmq.ROUTER)
@@ -55,38 +33,11 @@ def worker_socket(tmp_path: Path, ipc_dir: Path) -> Iterator[zmq.Socket[bytes]]:
     work.setsockopt(zmq.RCVTIMEO, 10_000)
     for address in get_connection(topology, "double", satellite="local").socket("work").addresses:
         work.bind(address)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dsat.node",
-            "--topology",
-            str(path),
-            "--satellite",
-            "local",
-            "--node",
-            "double",
-            "--wid",
-            "double.1",
-        ],
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-    )
     try:
-        yield work
+        with node_process(path, "double", wid="double.1"):
+            yield work
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
         context.destroy(linger=0)
-
-
-def task(n: int, value: Any) -> list[bytes]:
-    envelope = Envelope(task_id=f"task{n:04d}", job_id="j", seq=1, step="", next="double")
-    return encode(envelope, dumps(value))
 
 
 def answer(work: zmq.Socket[bytes]) -> tuple[bytes, str, Any, tuple[bytes, ...]]:
