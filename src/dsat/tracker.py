@@ -4,7 +4,9 @@ Each cycle the tracker reads the event batches that arrived, applies each event
 to its task's :class:`~dsat.fsm.TaskMachine`, writes the cycle's events and
 task rows to the store in one transaction, only then confirms the batches to
 their producers (who keep them until then) and publishes the events live, on a
-PUB socket whose topic is the task id.
+PUB socket whose topic is the task id. A light cycle's write waits up to
+WRITE_LINGER to share its transaction with the next cycles' (what someone
+follows or waits for, a query, a cycle under load write at once).
 
 Its memory holds live tasks only: a task that ends is written, checked (every
 transition of its history, in order) and forgotten. After a restart, it
@@ -89,6 +91,12 @@ RELAY_CONFIRM_TIMEOUT: Final = 2.0
 # sends them at once, so a producer's window keeps moving.
 CONFIRM_LINGER: Final = 0.02
 CONFIRM_AT_ONCE: Final = 256
+# A light cycle's writes wait this long (at most) to go in one transaction with later
+# ones: at light load each cycle is a few events of one task, and its transaction cost
+# the tracker more than applying them. What someone follows live or waits for, a cycle
+# of CONFIRM_AT_ONCE events or more, a query and a stop write at once; nothing is
+# confirmed or published before it is written.
+WRITE_LINGER: Final = 0.01
 PRUNE_EVERY: Final = 600.0
 LOAD_WINDOW: Final = 10.0  # seconds of load reports kept, for rates
 
@@ -174,6 +182,12 @@ class Tracker:
         # confirmations held back (CONFIRM_LINGER), and since when the oldest waits
         self.held: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
         self.held_since = 0.0
+        # what the cycles since the last write applied (WRITE_LINGER): the batch, the
+        # confirmations and live messages that wait for it, since when the oldest waits
+        self.pending = Batch()
+        self.unwritten: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
+        self.unpublished: list[list[bytes]] = []
+        self.pending_since = 0.0
         self.last_malformed_log = 0.0
         self._rebuild()
         # Tasks back from the store that nothing has reported on since: they count as
@@ -420,11 +434,14 @@ class Tracker:
 
     def _prefetch(self, rows: list[list[Any]]) -> None:
         """Learn in one query which tasks of these events the store does not have."""
-        live, ended, relays = self.live, self.ended, self.relays
+        live, ended, touched, relays = self.live, self.ended, self.touched, self.relays
         unknown = {
             row[TASK_ID]
             for row in rows
-            if row[TASK_ID] not in live and row[TASK_ID] not in ended and row[ORIGIN] not in relays
+            if row[TASK_ID] not in live
+            and row[TASK_ID] not in ended
+            and row[TASK_ID] not in touched
+            and row[ORIGIN] not in relays
         }
         if unknown:
             self.absent = unknown - self.store.known(unknown)
@@ -432,7 +449,10 @@ class Tracker:
     def _machine_for(self, row: list[Any]) -> TaskMachine:
         """A machine for a task not live: one that ended (cached or rebuilt), or a new one."""
         task_id = row[TASK_ID]
+        # an ended one still cached, or one that left the cache since the last write
         machine = self.ended.get(task_id)
+        if machine is None:
+            machine = self.touched.get(task_id)
         if machine is not None:
             return machine
         if task_id not in self.absent:
@@ -670,43 +690,50 @@ class Tracker:
         try:
             while True:
                 timeout = 100
+                now = time.monotonic()
                 if self.held:
-                    left = self.held_since + CONFIRM_LINGER - time.monotonic()
+                    left = self.held_since + CONFIRM_LINGER - now
+                    timeout = max(0, min(timeout, math.ceil(left * 1000)))
+                if self.pending_since:
+                    left = self.pending_since + WRITE_LINGER - now
                     timeout = max(0, min(timeout, math.ceil(left * 1000)))
                 ready = dict(self.poller.poll(timeout))
                 self.turn(ready)
                 if self.stopping and not ready:
+                    self.write_pending()
                     self.send_held(force=True)
                     return
         finally:
             self.close()
 
     def turn(self, ready: dict[Any, int]) -> None:
-        """One cycle: apply what arrived, write it, then confirm and publish; answer queries."""
-        batch = Batch()
-        replies: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
-        published: list[list[bytes]] = []
+        """One cycle: apply what arrived, write it, then confirm and publish; answer queries.
+
+        A light cycle's write may wait for later ones (WRITE_LINGER), and what it
+        confirms and publishes with it."""
+        batch = self.pending
         for socket in self.events:
             if socket in ready:
                 confirms, live = self.read_events(socket, batch)
-                replies.extend((socket, frames) for frames in confirms)
-                published.extend(live)
+                self.unwritten.extend((socket, frames) for frames in confirms)
+                self.unpublished.extend(live)
         for relay in self.relays.values():
             if relay.socket in ready:
                 relay.read(batch)
         if self.closing:
             self.end_overdue(batch)
-        if self.touched:
-            batch.tasks = {t: self._row(m) for t, m in self.touched.items()}
-            self.touched = {}
-        if batch:
-            self.store.write(batch)  # then, only then, confirm and publish
-        if replies and not self.held:
-            self.held_since = time.monotonic()
-        self.held += replies
-        self.send_held(force=len(batch.events) >= CONFIRM_AT_ONCE)
-        for frames in published:
-            self.publish(frames)
+        if (batch or self.touched or self.unwritten) and not self.pending_since:
+            self.pending_since = time.monotonic()
+        if self.pending_since and (
+            self.unpublished
+            or len(batch.events) >= CONFIRM_AT_ONCE
+            or batch.relay
+            or batch.relay_confirmed
+            or any(socket in ready for socket in self.query)
+            or time.monotonic() - self.pending_since >= WRITE_LINGER
+        ):
+            self.write_pending()
+        self.send_held()
         now = time.monotonic()
         for relay in self.relays.values():
             relay.send(now)
@@ -720,6 +747,27 @@ class Tracker:
             self.guard.read_ready(ready)
         self.publish_load()
         self.prune()
+
+    def write_pending(self) -> None:
+        """Write what the cycles since the last write applied; only then confirm and publish."""
+        if not self.pending_since:
+            return
+        batch = self.pending
+        if self.touched:
+            batch.tasks = {t: self._row(m) for t, m in self.touched.items()}
+            self.touched = {}
+        if batch:
+            self.store.write(batch)
+        self.pending = Batch()
+        self.pending_since = 0.0
+        if self.unwritten and not self.held:
+            self.held_since = time.monotonic()
+        self.held += self.unwritten
+        self.unwritten = []
+        self.send_held(force=len(batch.events) >= CONFIRM_AT_ONCE)
+        published, self.unpublished = self.unpublished, []
+        for frames in published:
+            self.publish(frames)
 
     def send_held(self, *, force: bool = False) -> None:
         """Send the held confirmations when the oldest waited CONFIRM_LINGER (or ``force``)."""
