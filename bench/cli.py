@@ -136,7 +136,13 @@ def run_dsat(plan: Plan, report: Report, *, throughput: bool, latency: bool) -> 
                     vs_ceiling=f"ceiling latency {name}",
                     vs_celery=f"celery latency {name}",
                 )
-            say(f"  dsat latency: p50 {lat.p50 * 1e3:.2f} ms, p99 {lat.p99 * 1e3:.2f} ms")
+            for role, micros in lat.cpu_per_task.items():
+                report.add(f"dsat CPU per task, one in flight, {role}", "us", micros)
+            say(
+                f"  dsat latency: p50 {lat.p50 * 1e3:.2f} ms, p99 {lat.p99 * 1e3:.2f} ms; "
+                "CPU per task (us): "
+                + ", ".join(f"{role} {us:,.0f}" for role, us in lat.cpu_per_task.items())
+            )
 
 
 def run_tracker(plan: Plan, report: Report) -> None:

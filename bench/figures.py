@@ -98,18 +98,18 @@ class Report:
 
     def table(self) -> str:
         """The figures as a fixed-width table."""
+        shown = [f for f in self.figures.values() if f.runs]
+        width = max([34, *(len(f"{f.name} ({f.unit})") for f in shown)])
         head = (
-            f"{'figure':<34} {'median':>10} {'min':>10} {'max':>10} "
+            f"{'figure':<{width}} {'median':>10} {'min':>10} {'max':>10} "
             f"{'vs ceiling':>11} {'vs celery':>10}"
         )
         lines = [head, "-" * len(head)]
-        for figure in self.figures.values():
-            if not figure.runs:
-                continue
+        for figure in shown:
             vs_ceiling = self.ratio(figure, figure.vs_ceiling)
             vs_celery = self.ratio(figure, figure.vs_celery)
             lines.append(
-                f"{figure.name + ' (' + figure.unit + ')':<34} {number(figure.median):>10} "
+                f"{figure.name + ' (' + figure.unit + ')':<{width}} {number(figure.median):>10} "
                 f"{number(figure.low):>10} {number(figure.high):>10} "
                 f"{ratio_text(vs_ceiling):>11} {ratio_text(vs_celery):>10}"
             )

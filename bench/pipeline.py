@@ -123,14 +123,25 @@ def throughput(satellite: Satellite, count: int, *, job_id: str = "throughput") 
     return PipelineRun(count, seconds, checked.mismatches, checked.anomalies, per_task)
 
 
-def latency(satellite: Satellite, count: int) -> LatencyRun:
+@dataclass
+class PipelineLatencyRun(LatencyRun):
+    """A latency run, and the CPU time each role spent per task at that light load (us)."""
+
+    cpu_per_task: dict[str, float] = field(default_factory=dict)
+
+
+def latency(satellite: Satellite, count: int) -> PipelineLatencyRun:
     """One task in flight: submit, wait for its result, ``count`` times."""
     with satellite.client() as client:
 
         def round_trip(i: int) -> Any:
             return client.wait(client.submit(ENTRY, payload(i), job_id="latency"), timeout=30)
 
-        return one_at_a_time(count, round_trip)
+        cpu_before = satellite.cpu()
+        run = one_at_a_time(count, round_trip)
+        cpu_after = satellite.cpu()
+    per_task = {role: (cpu_after[role] - cpu_before[role]) / count * 1e6 for role in cpu_after}
+    return PipelineLatencyRun(run.samples, run.mismatches, per_task)
 
 
 @dataclass

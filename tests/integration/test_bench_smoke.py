@@ -50,6 +50,8 @@ def test_bench_smoke_checks_every_result() -> None:
     assert roles[-1] > 0, spent.group(0)
     assert abs(sum(roles[:-1]) - roles[-1]) <= 2, spent.group(0)  # rounded to 1 us each
     assert re.search(r"ceiling: .* CPU per task [\d,.]+ us", output), output
+    # and with one task in flight (what the latency run costs each role)
+    assert re.search(r"dsat latency: p50 .* CPU per task \(us\): tracker [\d,.]+", output), output
 
 
 def test_bench_refuses_bad_arguments() -> None:
