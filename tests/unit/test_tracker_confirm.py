@@ -11,14 +11,19 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import zmq
-from trackerkit import fed_tracker, one_step_history, send_events, turn_until
+from trackerkit import (
+    confirmations,
+    fed_tracker,
+    one_step_history,
+    send_events,
+    turn_for,
+    turn_until,
+)
 
 from dsat import tracker as tracker_module
-from dsat.message import decode_control
 from dsat.tracker import CONFIRM_AT_ONCE, Tracker
 
 Fed = tuple[Tracker, zmq.Socket[bytes]]
@@ -28,20 +33,6 @@ Fed = tuple[Tracker, zmq.Socket[bytes]]
 def fed(tmp_path: Path, ipc_dir: Path, zctx: zmq.Context[zmq.Socket[bytes]]) -> Iterator[Fed]:
     with fed_tracker(tmp_path, ipc_dir, zctx) as fed:
         yield fed
-
-
-def _confirms(producer: zmq.Socket[bytes]) -> list[dict[str, Any]]:
-    """The confirmations the producer has received so far."""
-    bodies = []
-    while producer.poll(0):
-        bodies.append(decode_control(producer.recv_multipart(), frozenset({"confirm"})).body)
-    return bodies
-
-
-def _turn_for(tracker: Tracker, seconds: float) -> None:
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        tracker.turn(dict(tracker.poller.poll(10)))
 
 
 def test_light_batches_are_confirmed_together_after_the_linger(
@@ -54,9 +45,9 @@ def test_light_batches_are_confirmed_together_after_the_linger(
     applied = time.monotonic()
     send_events(producer, one_step_history("t-2"), first=7)
     turn_until(tracker, lambda: tracker.store.task("t-2") is not None)
-    _turn_for(tracker, 0.25)
-    assert _confirms(producer) == []  # written, but held: the linger has not passed
-    confirms = turn_until(tracker, lambda: _confirms(producer))
+    turn_for(tracker, 0.25)
+    assert confirmations(producer) == []  # written, but held: the linger has not passed
+    confirms = turn_until(tracker, lambda: confirmations(producer))
     assert time.monotonic() - applied >= 0.5
     assert [c["upto"] for c in confirms] == [6, 12]  # both, together
 
@@ -67,7 +58,7 @@ def test_a_cycle_under_load_confirms_at_once(fed: Fed, monkeypatch: pytest.Monke
     records = [r for n in range(CONFIRM_AT_ONCE // 6 + 1) for r in one_step_history(f"t-{n}")]
     assert len(records) >= CONFIRM_AT_ONCE
     send_events(producer, records, first=1)
-    confirms = turn_until(tracker, lambda: _confirms(producer), timeout=10)
+    confirms = turn_until(tracker, lambda: confirmations(producer), timeout=10)
     assert [c["upto"] for c in confirms] == [len(records)]
 
 
@@ -80,4 +71,4 @@ def test_a_stopping_tracker_sends_what_it_held(fed: Fed, monkeypatch: pytest.Mon
     tracker.stop()
     tracker.run()  # a quiet cycle, and it returns
     assert producer.poll(5000), "the held confirmation was not sent"
-    assert [c["upto"] for c in _confirms(producer)] == [6]
+    assert [c["upto"] for c in confirmations(producer)] == [6]

@@ -17,10 +17,18 @@ from typing import Any
 import msgpack
 import pytest
 import zmq
-from trackerkit import fed_tracker, one_step_history, send_events, turn_until
+from trackerkit import (
+    confirmations,
+    fed_tracker,
+    next_message,
+    one_step_history,
+    send_events,
+    turn_for,
+    turn_until,
+)
 
 from dsat import tracker as tracker_module
-from dsat.message import END_TOPIC, control, decode_control, recv_frames
+from dsat.message import END_TOPIC, control, decode_control
 from dsat.store import open_store
 from dsat.topology import TRACKER, get_connection
 from dsat.tracker import CONFIRM_AT_ONCE, Tracker
@@ -34,18 +42,9 @@ def fed(tmp_path: Path, ipc_dir: Path, zctx: zmq.Context[zmq.Socket[bytes]]) -> 
         yield fed
 
 
-def _turn_for(tracker: Tracker, seconds: float) -> None:
-    until = time.monotonic() + seconds
-    while time.monotonic() < until:
-        tracker.turn(dict(tracker.poller.poll(10)))
-
-
 def _confirmed(producer: zmq.Socket[bytes]) -> list[int]:
     """The ``upto`` of every confirmation the producer has received so far."""
-    found = []
-    while producer.poll(0):
-        found.append(decode_control(producer.recv_multipart(), frozenset({"confirm"})).body["upto"])
-    return found
+    return [body["upto"] for body in confirmations(producer)]
 
 
 def _socket(zctx: zmq.Context[zmq.Socket[bytes]], tracker: Tracker, kind: int, purpose: str) -> Any:
@@ -68,7 +67,7 @@ def test_a_light_cycle_is_written_within_the_linger_and_only_then_confirmed(
     turn_until(tracker, lambda: "t-1" in tracker.live)
     send_events(producer, history[2:4], first=3)  # ACK, START, in a later cycle
     turn_until(tracker, lambda: tracker.live["t-1"].tseq == 4)
-    _turn_for(tracker, 0.1)
+    turn_for(tracker, 0.1)
     assert tracker.store.task("t-1") is None  # applied, not written yet
     assert _confirmed(producer) == []  # and so not confirmed either
     turn_until(tracker, lambda: tracker.store.task("t-1") is not None)
@@ -91,14 +90,7 @@ def test_an_awaited_end_is_written_at_once_and_published_after(
         turn_until(tracker, lambda: "t-1" in tracker.awaited)
         send_events(producer, one_step_history("t-2"), first=1)  # nobody waits for it
         send_events(producer, one_step_history("t-1", result=41), first=7)
-
-        def heard() -> Any:
-            tracker.turn(dict(tracker.poller.poll(10)))
-            if not waiter.poll(0):
-                return None
-            return msgpack.unpackb(recv_frames(waiter)[2], raw=False)
-
-        end = turn_until(tracker, lambda: heard())
+        end = msgpack.unpackb(next_message(tracker, waiter)[2], raw=False)
         stored = tracker.store.task("t-1")
         assert stored is not None
         assert stored.state == "HAPPY_END"
@@ -118,15 +110,10 @@ def test_a_query_is_answered_on_what_was_written_first(
     try:
         send_events(producer, one_step_history("t-1")[:4], first=1)
         turn_until(tracker, lambda: "t-1" in tracker.live)
-        _turn_for(tracker, 0.1)
+        turn_for(tracker, 0.1)
         assert tracker.store.task("t-1") is None
         asker.send_multipart(control("query", {"ref": 1, "op": "state", "task_id": "t-1"}))
-
-        def reply() -> Any:
-            tracker.turn(dict(tracker.poller.poll(10)))
-            return asker.poll(0) and decode_control(asker.recv_multipart(), frozenset({"reply"}))
-
-        answer = turn_until(tracker, reply).body
+        answer = decode_control(next_message(tracker, asker), frozenset({"reply"})).body
         assert answer["ok"] is True
         assert answer["result"]["task"]["state"] == "START"
         assert len(answer["result"]["events"]) == 4

@@ -14,7 +14,7 @@ import zmq
 
 from conftest import wait_for
 from dsat.fsm import Event
-from dsat.message import EventRecord, control, pack_records
+from dsat.message import EventRecord, control, decode_control, pack_records, recv_frames
 from dsat.store import Batch, TaskRow, open_store
 from dsat.topology import TRACKER, get_connection, load_topology
 from dsat.tracker import Tracker
@@ -114,3 +114,24 @@ def turn_until(tracker: Tracker, predicate: Callable[[], Any], timeout: float = 
         return predicate()
 
     return wait_for(turned, timeout=timeout, interval=0)
+
+
+def turn_for(tracker: Tracker, seconds: float) -> None:
+    """Let the tracker turn its cycle for ``seconds``, whatever happens."""
+    until = time.monotonic() + seconds
+    while time.monotonic() < until:
+        tracker.turn(dict(tracker.poller.poll(10)))
+
+
+def confirmations(producer: zmq.Socket[bytes]) -> list[dict[str, Any]]:
+    """The bodies of the confirmations the producer has received so far."""
+    bodies = []
+    while producer.poll(0):
+        bodies.append(decode_control(producer.recv_multipart(), frozenset({"confirm"})).body)
+    return bodies
+
+
+def next_message(tracker: Tracker, socket: zmq.Socket[bytes]) -> list[bytes]:
+    """Let the tracker turn until a message arrives on ``socket``; its frames."""
+    frames: list[bytes] = turn_until(tracker, lambda: socket.poll(0) and recv_frames(socket))
+    return frames
