@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import os
 import sqlite3
 from collections.abc import Iterator
@@ -97,6 +98,7 @@ _TASK_COLUMNS: Final = (
     "anomalies, duplicates, deadline, at_satellite"
 )
 _TSEQ, _FLAG = 0, 11  # positions in a history entry
+_BY_TSEQ: Final = operator.itemgetter(_TSEQ)
 _LATE_COLUMNS: Final = {"at_satellite": "at_satellite TEXT NOT NULL DEFAULT ''"}
 
 # An upsert, not INSERT OR REPLACE: REPLACE deletes the row and inserts it again,
@@ -485,7 +487,7 @@ def _chunks(events: list[EventRow | tuple[Any, ...]]) -> list[tuple[str, int, in
 
 def _chunk(task_id: str, entries: list[Any]) -> tuple[str, int, int, bytes]:
     if len(entries) > 1:
-        entries.sort(key=lambda entry: entry[_TSEQ])
+        entries.sort(key=_BY_TSEQ)
     return (task_id, entries[0][_TSEQ], entries[-1][_TSEQ], packb(entries))
 
 
