@@ -654,7 +654,7 @@ def unpack_rows(data: bytes, *, max_count: int = 1_000_000) -> list[list[Any]]:
         raise MessageError(f"events: not valid msgpack ({exc})") from exc
     if type(rows) is not list or len(rows) > max_count:
         raise MessageError(f"events: need an array of at most {max_count} records")
-    if not _rows_ok(rows):
+    if len(rows) < _BY_COLUMNS_FROM or not _rows_ok(rows):
         for index, row in enumerate(rows):
             if not _row_ok(row):
                 rows[index] = record_from_row(index, row).as_list()  # raises, or repairs an int
@@ -662,6 +662,11 @@ def unpack_rows(data: bytes, *, max_count: int = 1_000_000) -> list[list[Any]]:
     for row in rows:
         row[EVENT] = events[row[EVENT]]
     return rows
+
+
+# a batch this long or longer is checked a column at a time (a few rows: row by row is
+# cheaper, the column checks cost about 20 µs whatever the length)
+_BY_COLUMNS_FROM: Final = 6
 
 
 def _rows_ok(rows: list[Any]) -> bool:

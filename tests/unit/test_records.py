@@ -367,9 +367,9 @@ def near_valid_row(rng: random.Random) -> list[Any]:
 
 # 150 seeds of 20 batches each: 3,000 batches of records that are nearly right. The rows
 # come from a Random seeded by hypothesis: it is far slower at drawing them one by one.
-# A batch is checked a column at a time (a C loop per check) and only a batch that fails
-# row by row: whatever it lets through must pass the thorough check of one record, and
-# the record it names must be the first that fails alone.
+# A batch of six rows or more is checked a column at a time (a C loop per check), and
+# row by row only when it fails: whatever it lets through must pass the thorough check
+# of one record, and the record it names must be the first that fails alone.
 @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
 @given(st.integers(0, 2**32))
 def test_unpack_records_of_nearly_valid_rows_raises_nothing_but_message_error(seed: int) -> None:
@@ -377,7 +377,7 @@ def test_unpack_records_of_nearly_valid_rows_raises_nothing_but_message_error(se
     for _ in range(20):
         rows = [
             near_valid_row(rng) if rng.random() < 0.3 else list(VALID)
-            for _ in range(rng.randint(1, 6))
+            for _ in range(rng.randint(1, 12))  # a batch of 6 or more: checked by column
         ]
         alone = [_unpacked_alone(row) for row in rows]
         data = msgpack.packb(rows)
