@@ -342,7 +342,7 @@ class TaskMachine:
         return self.problems()
 
     def _settle(self) -> None:
-        self.state = Event.FAILURE if self.failed else Event.HAPPY_END
+        self.state = _FAILURE if self.failed else _HAPPY_END
         self.deadline = 0.0
 
     def apply(
@@ -502,7 +502,7 @@ def _transition_problem(
         return f"{event} of message {seq} after {prev} of message {prev_seq}: a gap"
     if prev in SENDS:
         return ""  # the first event at a hop: its attempt is the message's
-    wanted = prev_attempt + 1 if event is Event.START and prev is not Event.ACK else prev_attempt
+    wanted = prev_attempt + 1 if event is _START and prev is not _ACK else prev_attempt
     if attempt != wanted:
         return f"{event} of try {attempt} after {prev} of try {prev_attempt}: a gap"
     return ""
