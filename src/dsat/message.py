@@ -636,7 +636,6 @@ def unpack_records(data: bytes, *, max_count: int = 1_000_000) -> list[EventReco
 # positions in an event row (the order of RECORD_FIELDS)
 TASK_ID, JOB_ID, BRANCH, SEQ, ATTEMPT, EVENT, STEP, WHERE, ORIGIN, WID, PID, AT, DETAIL = range(13)
 _ROW_TYPES: Final = (str, str, int, int, int, str, str, str, str, str, int, float, dict)
-_DETAIL_KEYS: Final = frozenset(DETAIL_TYPES)
 # every (key, type of its value) a detail may hold
 _DETAIL_KINDS: Final = frozenset(
     (key, kind) for key, kinds in DETAIL_TYPES.items() for kind in kinds
@@ -671,7 +670,7 @@ _BY_COLUMNS_FROM: Final = 6
 
 def _rows_ok(rows: list[Any]) -> bool:
     """Does every row of a batch pass :func:`_row_ok`? Checked a column at a time, each
-    check one loop in C over the whole batch: a tenth of the cost of checking row by row."""
+    check one loop in C over the whole batch: 1.4 µs per row instead of 3.4."""
     if not rows:
         return True
     if set(map(type, rows)) != {list} or set(map(len, rows)) != {len(RECORD_FIELDS)}:
