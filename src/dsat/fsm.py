@@ -269,7 +269,8 @@ class TaskMachine:
     ) -> Event | None:
         """The event already seen at this place (a duplicate or a conflict), or None:
         then this one is remembered there, with its tseq."""
-        if branch >> _BRANCH_BITS or seq >> _SEQ_BITS or attempt >> _ATTEMPT_BITS:
+        key = _place_key(branch, seq, attempt, rank)
+        if key is None:
             if self._big is None:
                 self._big = {}
             big = (branch, seq, attempt, rank)
@@ -278,7 +279,6 @@ class TaskMachine:
                 return seen[0]
             self._big[big] = (event, self.tseq)
             return None
-        key = ((branch << _SEQ_BITS | seq) << _ATTEMPT_BITS | attempt) << _RANK_BITS | rank
         places = self._places
         # in order so far, the places stand in ascending order: one past the last is new
         if not (self._in_order and (not places or key > places[-1])) and key in places:
