@@ -94,6 +94,8 @@ PROPAGATE_WINDOW: Final = 8  # tasks offered to peer satellites at a time
 BACKLOG_PER_WORKER: Final = 4  # queued tasks per worker a multi-satellite step keeps
 PREFETCH: Final = 0.02  # seconds of work a worker may have waiting in hand (short tasks)
 PREFETCH_MAX: Final = 64
+INLINE_FOR: Final = 0.02  # seconds a sink runs tasks before it turns to its sockets
+INLINE_MAX: Final = 256  # tasks a sink runs in one cycle, at most
 DEPTH_EVERY: Final = 32  # tasks ended between two looks at the typical duration
 DEATH_GRACE: Final = 0.1  # seconds a dead worker's last messages get to arrive
 
@@ -1709,9 +1711,11 @@ class SinkRouter(Router):
     def dispatch(self) -> None:
         if len(self.outbox.pending) >= self.step_def.max_queue:
             return
-        # a few at a time, so acks and events keep flowing between them
-        for _ in range(32):
-            if not self.queue:
+        # For up to INLINE_FOR seconds: a slow function lets acks and events flow between
+        # its tasks; a fast one runs many, handed on and reported in large batches.
+        until = time.monotonic() + INLINE_FOR
+        for _ in range(INLINE_MAX):
+            if not self.queue or time.monotonic() > until:
                 return
             item = self.items.get(self.queue.popleft())
             if item is None or item.state != "queued":

@@ -394,6 +394,58 @@ def test_a_function_that_sleeps_past_its_timeout_gets_timeout_then_the_next_try_
     assert running.pids_of("slow") == worker_pids
 
 
+SLOW_SINK = (
+    HEADER
+    + """
+[step.slow]
+kind = "sink"
+call = "slow:work"
+entry = true
+
+[step.after]
+call = "slow:after"
+
+[[link]]
+from = "slow"
+to = "after"
+"""
+)
+
+SLOW_SINK_CODE = """
+import time
+
+def work(p):
+    time.sleep(0.06)
+    return p
+
+def after(p):
+    return {"n": p["n"]}
+"""
+
+
+def test_a_sink_of_a_slow_function_hands_on_each_task_as_it_ends(
+    satellite: Callable[..., RunningSatellite],
+) -> None:
+    """A sink runs its queue in short turns (about 20 ms), not a fixed number of tasks:
+    of 80 tasks of 60 ms that arrive together, each goes on to the next step as it
+    ends, not when the tasks that came with it have run too."""
+    running = satellite(SLOW_SINK, {"slow": SLOW_SINK_CODE})
+    with running.client() as client:
+        task_ids = client.submit_many("slow", [{"n": n} for n in range(80)])
+        results = [client.wait(task_id, timeout=60) for task_id in task_ids]
+        states = [client.state(task_id) for task_id in task_ids]
+
+    assert results == [{"n": n} for n in range(80)]
+    waits = []
+    for state in states:
+        assert state.state == "HAPPY_END"
+        _assert_clean(state)
+        (end,) = [e for e in state.history if e.step == "slow" and e.event == "END"]
+        (ack,) = [e for e in state.history if e.step == "after" and e.event == "ACK"]
+        waits.append(ack.at - end.at)
+    assert max(waits) < 0.5, f"a task waited {max(waits):.2f}s in the sink after it ended"
+
+
 STUCK = (
     HEADER
     + """
