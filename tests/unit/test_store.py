@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ from dsat.store import (
     TaskRow,
     open_store,
 )
+from dsat.store import sqlite as sqlite_store
 
 
 def task_row(task_id: str, **changes: Any) -> TaskRow:
@@ -367,6 +372,53 @@ def test_the_file_is_in_wal_mode(store: Store, db_path: Path) -> None:
         assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     finally:
         raw.close()
+
+
+def _in_main_file(db_path: Path, task_id: str) -> bool:
+    """Whether the database file itself, without its WAL, holds a task's row yet."""
+    copy = db_path.parent / "main-only" / "copy.db"
+    copy.parent.mkdir(exist_ok=True)
+    for stale in copy.parent.iterdir():
+        stale.unlink()
+    shutil.copyfile(db_path, copy)
+    raw = sqlite3.connect(copy)
+    try:
+        if not raw.execute("SELECT 1 FROM sqlite_master WHERE name = 'tasks'").fetchone():
+            return False  # not even the schema is there yet
+        found = raw.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+    finally:
+        raw.close()
+    return found is not None
+
+
+def test_the_wal_is_copied_back_in_the_background(store: Store, db_path: Path) -> None:
+    store.write(full_batch())  # a few pages: far from SQLite's own checkpoint at 1,000
+    deadline = time.monotonic() + 10
+    while not _in_main_file(db_path, "t1"):
+        assert time.monotonic() < deadline, "the WAL was never copied back"
+        time.sleep(0.05)
+
+
+def test_a_write_never_copies_the_wal_back_itself(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_store, "CHECKPOINT_EVERY", 3600.0)  # the thread stays asleep
+    writer = open_store(url(db_path))
+    try:
+        for n in range(12):  # 12 MB: past 1,000 pages of 4 KB, where SQLite would copy
+            writer.write(
+                Batch(
+                    tasks={f"big{n}": task_row(f"big{n}")},
+                    results=[ResultRow(f"big{n}", 1, "cpu", "raw", bytes(1 << 20))],
+                )
+            )
+        assert os.path.getsize(f"{db_path}-wal") > 8 << 20
+        assert not _in_main_file(db_path, "big0")
+    finally:
+        writer.close()
+    assert not any(t.name.startswith("checkpoint ") for t in threading.enumerate())
+    assert not os.path.exists(f"{db_path}-wal")  # copied back at close
+    assert _in_main_file(db_path, "big11")
 
 
 def test_a_reader_sees_what_the_writer_wrote(store: Store, db_path: Path) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -14,7 +16,17 @@ import msgpack
 from dsat.message import packb
 from dsat.store import Batch, DeadLetter, EventRow, ResultRow, StoreError, TaskRow
 
+log = logging.getLogger("dsat.store")
+
 SCHEMA_VERSION: Final = 2
+# The WAL is copied back into the database file by a thread of the writer's process
+# (_Checkpointer), at most this long after a write, instead of inside the write that
+# fills it past 1,000 pages (SQLite's default): there it stalled the tracker 4 to 5 ms
+# (most of it waiting on fsync) every 0.3 s at light load, and the tasks that ended then
+# waited as long (docs/performance.md, "The WAL copied back off the tracker's path").
+CHECKPOINT_EVERY: Final = 0.2
+# Should the thread fall behind (or die), a write still copies it back past this size.
+FALLBACK_CHECKPOINT_PAGES: Final = 20_000
 # schema 1 kept a row per event (table ``events``); a store of it is upgraded when the
 # tracker opens it (_upgrade_from_1), nothing lost
 
@@ -135,10 +147,14 @@ class SqliteStore:
                 # WAL is synced at checkpoints (a power cut may lose the last commits).
                 self._db.execute("PRAGMA journal_mode=WAL")
                 self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute(f"PRAGMA wal_autocheckpoint={FALLBACK_CHECKPOINT_PAGES}")
                 self._db.executescript(_SCHEMA)
                 self._check_version()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {path}: {exc}") from exc
+        self._checkpointer = None if readonly else _Checkpointer(path)
+        if self._checkpointer is not None:
+            self._checkpointer.start()
 
     def _check_version(self, *, create: bool = True) -> None:
         try:
@@ -442,10 +458,58 @@ class SqliteStore:
         return len(ended)
 
     def close(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.stop()
+            self._checkpointer = None
         try:
-            self._db.close()
+            self._db.close()  # the last connection out copies the WAL back and removes it
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path}: could not close: {exc}") from exc
+
+
+class _Checkpointer(threading.Thread):
+    """Copies the WAL back into the database file, off the writer's path.
+
+    Its own connection runs a PASSIVE checkpoint (it neither waits for the writer nor
+    blocks it: the writer appends to the WAL meanwhile) every CHECKPOINT_EVERY seconds
+    when the WAL changed. ``sqlite3`` lets go of the GIL while SQLite works, so the
+    writer's thread runs on; the WAL starts over from its beginning at the first write
+    after a checkpoint that copied all of it.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(name=f"checkpoint {os.path.basename(path)}", daemon=True)
+        self.path = path
+        self.wal = f"{path}-wal"
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        try:
+            db = sqlite3.connect(self.path, isolation_level=None, timeout=1)
+        except sqlite3.Error as exc:
+            log.warning("store %s: no background checkpoints: %s", self.path, exc)
+            return
+        try:
+            db.execute("PRAGMA synchronous=NORMAL")  # the WAL synced once per checkpoint
+            seen: tuple[int, int] | None = None
+            while not self.stopping.wait(CHECKPOINT_EVERY):
+                try:
+                    stat = os.stat(self.wal)
+                except FileNotFoundError:
+                    continue
+                mark = (stat.st_size, stat.st_mtime_ns)
+                if mark == seen:
+                    continue  # nothing written since the last checkpoint
+                seen = mark
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("store %s: background checkpoints stopped: %s", self.path, exc)
+        finally:
+            db.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join(timeout=10)
 
 
 def _task_params(t: TaskRow) -> tuple[Any, ...]:
