@@ -551,7 +551,9 @@ class Client:
                     stored[-1] = replace(stored[-1], over=True, state=ended)
                 for event in stored:
                     last = event.tseq
-                    yield event, None
+                    # the reply that ended it holds its results too: wait needs no other query
+                    ending = ended and raw is not None and event is stored[-1]
+                    yield event, raw["results"] if ending and raw is not None else None
                 if ended:
                     return
                 quiet_until = time.monotonic() + poll_every

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import psutil
 import pytest
@@ -621,6 +622,26 @@ def test_wait_takes_the_result_from_the_live_end_without_asking_again(
         assert client.wait(task_id, timeout=30) == {"done": 5}
         monkeypatch.undo()
         assert client.state(task_id).result == {"done": 5}
+
+
+def test_wait_on_a_task_that_already_ended_asks_the_tracker_once(
+    satellite: Callable[..., RunningSatellite], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply that shows the end holds the results too: no second query for them."""
+    running = satellite(NAP, {"nap": NAP_CODE})
+    with running.client() as client:
+        task_id = client.submit("nap", {"n": 7, "sleep": 0.0})
+        assert client.wait(task_id, timeout=30) == {"done": 7}
+        asked: list[str] = []
+        query_op = client._query_op
+
+        def counted(op: str, **args: Any) -> Any:
+            asked.append(op)
+            return query_op(op, **args)
+
+        monkeypatch.setattr(client, "_query_op", counted)
+        assert client.wait(task_id, timeout=30) == {"done": 7}
+        assert asked == ["state"]
 
 
 def test_following_a_task_the_tracker_never_heard_of_fails_after_a_moment(
