@@ -549,11 +549,11 @@ class Client:
                 ended = _ended_as(raw, stored[-1].tseq if stored else last)
                 if ended and stored:  # the store's last event is the one that ended it
                     stored[-1] = replace(stored[-1], over=True, state=ended)
+                # the reply that shows the end holds the results: wait needs no other query
+                results = raw["results"] if ended and raw is not None else None
                 for event in stored:
                     last = event.tseq
-                    # the reply that ended it holds its results too: wait needs no other query
-                    ending = ended and raw is not None and event is stored[-1]
-                    yield event, raw["results"] if ending and raw is not None else None
+                    yield event, results if event is stored[-1] else None
                 if ended:
                     return
                 quiet_until = time.monotonic() + poll_every
