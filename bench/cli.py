@@ -3,7 +3,12 @@
 ::
 
     python -m bench all [--runs 3] [--tasks N] [--json PATH] [--peers] [--million]
-    python -m bench ceiling | dsat | celery | latency | tracker | memory | smoke
+    python -m bench ceiling | dsat | celery | latency | sinks | tracker | memory | smoke
+
+``dsat`` and ``latency`` run the pipeline as a user writes it first, each step a
+pool of workers behind its queue; ``sinks`` runs both on the same pipeline with
+each step a sink (its router runs the function), the kind docs/topology.md
+advises for a function of a few microseconds.
 
 Each timing figure is the median of ``--runs`` runs, shown with its min and max;
 dsat's figures are also shown as ratios to the ceiling and to Celery measured
@@ -32,7 +37,7 @@ if TYPE_CHECKING:
 
 DEFAULT_JSON: Final = Path(__file__).resolve().parent / "results" / "latest.json"
 MB: Final = 2**20
-PARTS: Final = ("ceiling", "dsat", "celery", "latency", "tracker", "memory")
+PARTS: Final = ("ceiling", "dsat", "celery", "latency", "sinks", "tracker", "memory")
 
 
 @dataclass
@@ -102,46 +107,59 @@ def run_ceiling(plan: Plan, report: Report, *, latency: bool, throughput: bool =
             say(f"  ceiling latency: p50 {lat.p50 * 1e3:.3f} ms, p99 {lat.p99 * 1e3:.3f} ms")
 
 
-def run_dsat(plan: Plan, report: Report, *, throughput: bool, latency: bool) -> None:
-    part = report.part("dsat")
-    with timed(report, "dsat"), Satellite() as satellite:
+def run_dsat(
+    plan: Plan, report: Report, *, throughput: bool, latency: bool, kind: str = "pool"
+) -> None:
+    """The pipeline through ``dsat run``: each step a pool (figures "dsat ...") or a sink
+    (figures "dsat sinks ...", part "sinks")."""
+    name = "dsat" if kind == "pool" else "dsat sinks"
+    part = report.part("dsat" if kind == "pool" else "sinks")
+
+    def roles(cpu: dict[str, float]) -> dict[str, float]:
+        if kind == "pool":
+            return cpu
+        # a sink's router runs the function: there are no workers, the "queues" are sinks
+        return {("sinks" if r == "queues" else r): v for r, v in cpu.items() if r != "workers"}
+
+    with timed(report, part.name), Satellite(kind=kind) as satellite:
         if throughput:
             run = pipeline.throughput(satellite, plan.dsat_tasks)
             part.checked += run.tasks
             part.mismatches += run.mismatches + run.anomalies
             report.add(
-                "dsat tasks/s",
+                f"{name} tasks/s",
                 "tasks/s",
                 run.per_second,
                 vs_ceiling="ceiling tasks/s",
                 vs_celery="celery tasks/s",
             )
-            for role, micros in run.cpu_per_task.items():
+            spent = roles(run.cpu_per_task)
+            for role, micros in spent.items():
                 vs = "ceiling CPU per task" if role == "total" else ""
-                report.add(f"dsat CPU per task, {role}", "us", micros, vs_ceiling=vs)
+                report.add(f"{name} CPU per task, {role}", "us", micros, vs_ceiling=vs)
             say(
-                f"  dsat: {run.per_second:,.0f} tasks/s, {run.mismatches} mismatches, "
+                f"  {name}: {run.per_second:,.0f} tasks/s, {run.mismatches} mismatches, "
                 f"{run.anomalies} anomalies; CPU per task (us): "
-                + ", ".join(f"{role} {us:,.0f}" for role, us in run.cpu_per_task.items())
+                + ", ".join(f"{role} {us:,.0f}" for role, us in spent.items())
             )
         if latency:
             lat = pipeline.latency(satellite, plan.latency_tasks)
             part.checked += len(lat.samples)
             part.mismatches += lat.mismatches
-            for name, value in (("p50", lat.p50), ("p99", lat.p99)):
+            for quantile, value in (("p50", lat.p50), ("p99", lat.p99)):
                 report.add(
-                    f"dsat latency {name}",
+                    f"{name} latency {quantile}",
                     "ms",
                     value * 1e3,
-                    vs_ceiling=f"ceiling latency {name}",
-                    vs_celery=f"celery latency {name}",
+                    vs_ceiling=f"ceiling latency {quantile}",
+                    vs_celery=f"celery latency {quantile}",
                 )
-            for role, micros in lat.cpu_per_task.items():
-                report.add(f"dsat CPU per task, one in flight, {role}", "us", micros)
+            spent = roles(lat.cpu_per_task)
+            for role, micros in spent.items():
+                report.add(f"{name} CPU per task, one in flight, {role}", "us", micros)
             say(
-                f"  dsat latency: p50 {lat.p50 * 1e3:.2f} ms, p99 {lat.p99 * 1e3:.2f} ms; "
-                "CPU per task (us): "
-                + ", ".join(f"{role} {us:,.0f}" for role, us in lat.cpu_per_task.items())
+                f"  {name} latency: p50 {lat.p50 * 1e3:.2f} ms, p99 {lat.p99 * 1e3:.2f} ms; "
+                "CPU per task (us): " + ", ".join(f"{role} {us:,.0f}" for role, us in spent.items())
             )
 
 
@@ -272,8 +290,8 @@ def count_text(count: int) -> str:
 def execute(plan: Plan, report: Report, *, peers: bool) -> None:
     """Run the plan's parts: timing rounds first (one of each part per round), then memory."""
     parts = plan.parts
-    throughput = bool(parts & {"ceiling", "dsat"})
-    latency = "latency" in parts
+    throughput = bool(parts & {"ceiling", "dsat", "sinks"})
+    latency = bool(parts & {"latency", "sinks"})
     for number in range(plan.runs):
         say(f"run {number + 1}/{plan.runs}")
         if throughput or latency:
@@ -282,16 +300,24 @@ def execute(plan: Plan, report: Report, *, peers: bool) -> None:
                 "ceiling",
                 lambda: run_ceiling(plan, report, latency=latency, throughput=throughput),
             )
-        if "dsat" in parts or latency:
+        if "dsat" in parts or "latency" in parts:
             guarded(
                 plan,
                 "dsat",
-                lambda: run_dsat(plan, report, throughput="dsat" in parts, latency=latency),
+                lambda: run_dsat(
+                    plan, report, throughput="dsat" in parts, latency="latency" in parts
+                ),
+            )
+        if "sinks" in parts:
+            guarded(
+                plan,
+                "sinks",
+                lambda: run_dsat(plan, report, throughput=True, latency=True, kind="sink"),
             )
         if "tracker" in parts:
             guarded(plan, "tracker", lambda: run_tracker(plan, report))
     if "celery" in parts or (peers and (throughput or latency)):
-        celery_throughput = "celery" in parts or "dsat" in parts
+        celery_throughput = bool(parts & {"celery", "dsat", "sinks"})
         celery_latency = "celery" in parts or latency
         guarded(
             plan,
@@ -374,7 +400,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
 def plan_of(args: argparse.Namespace) -> Plan:
     if args.part == "smoke":
         return Plan(
-            parts={"ceiling", "dsat", "latency", "tracker"},
+            parts={"ceiling", "dsat", "latency", "sinks", "tracker"},
             runs=1,
             ceiling_tasks=300,
             dsat_tasks=300,

@@ -36,15 +36,15 @@ url = "sqlite:///status.db"
 [step.s1]
 call = "stages:s1"
 entry = true
-workers = {workers}
+{kind}
 
 [step.s2]
 call = "stages:s2"
-workers = {workers}
+{kind}
 
 [step.s3]
 call = "stages:s3"
-workers = {workers}
+{kind}
 
 [[link]]
 from = "s1"
@@ -59,11 +59,21 @@ START_TIMEOUT: Final = 60.0
 STOP_TIMEOUT: Final = 90.0
 
 
-def write_topology(directory: Path, *, workers: int = 1) -> Path:
-    """Write the topology and ``stages.py`` into ``directory``; return the topology's path."""
+KINDS: Final = ("pool", "sink")
+
+
+def write_topology(directory: Path, *, workers: int = 1, kind: str = "pool") -> Path:
+    """Write the topology and ``stages.py`` into ``directory``; return the topology's path.
+
+    ``kind``: each step a ``pool`` of ``workers`` processes behind its queue (the
+    default kind), or a ``sink`` (its router runs the function itself).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind {kind!r}: need one of {KINDS}")
     runtime = directory / "rt"
     path = directory / "topology.toml"
-    path.write_text(TOPOLOGY.format(runtime=runtime, workers=workers))
+    step = f"workers = {workers}" if kind == "pool" else 'kind = "sink"'
+    path.write_text(TOPOLOGY.format(runtime=runtime, kind=step))
     shutil.copyfile(stages.__file__, directory / "stages.py")
     return path
 
@@ -97,9 +107,9 @@ class Started:
 class Satellite(Started):
     """``dsat run`` on the benchmark topology, in its own temporary directory."""
 
-    def __init__(self, *, workers: int = 1) -> None:
+    def __init__(self, *, workers: int = 1, kind: str = "pool") -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="dsb-", dir="/tmp"))
-        self.topology = write_topology(self.directory, workers=workers)
+        self.topology = write_topology(self.directory, workers=workers, kind=kind)
         self.output = self.directory / "run.out"
         self.process: subprocess.Popen[bytes] | None = None
         self.pids: set[int] = set()
@@ -156,7 +166,8 @@ class Satellite(Started):
 
     def cpu(self) -> dict[str, float]:
         """CPU seconds (user + system) each node has used so far, by role: ``tracker``,
-        ``orchester``, ``queues`` and ``workers`` (summed), and ``total``."""
+        ``orchester``, ``queues`` and ``workers`` (summed), and ``total``. A sink step's
+        router counts among the queues (it has no workers)."""
         used = dict.fromkeys(("tracker", "orchester", "queues", "workers", "total"), 0.0)
         for pid in self.tree():
             try:

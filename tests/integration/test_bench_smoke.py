@@ -33,8 +33,8 @@ def test_bench_smoke_checks_every_result() -> None:
     run = bench("smoke", timeout=240)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output
-    assert "mismatches: 0 (ceiling 0, dsat 0, tracker 0)" in output, output
-    for part in ("ceiling", "dsat", "tracker"):
+    assert "mismatches: 0 (ceiling 0, dsat 0, sinks 0, tracker 0)" in output, output
+    for part in ("ceiling", "dsat", "sinks", "tracker"):
         checked = next(line for line in output.splitlines() if line.startswith(part + " "))
         assert " 0 checked" not in checked, checked
     assert "FAILED" not in output, output
@@ -52,6 +52,14 @@ def test_bench_smoke_checks_every_result() -> None:
     assert re.search(r"ceiling: .* CPU per task [\d,.]+ us", output), output
     # and with one task in flight (what the latency run costs each role)
     assert re.search(r"dsat latency: p50 .* CPU per task \(us\): tracker [\d,.]+", output), output
+    # the same pipeline with sink steps: the routers run the functions, no workers
+    assert re.search(
+        r"dsat sinks: .* CPU per task \(us\): tracker [\d,.]+, orchester [\d,.]+, "
+        r"sinks [\d,.]+, total [\d,.]+$",
+        output,
+        re.MULTILINE,
+    ), output
+    assert re.search(r"dsat sinks latency: p50 .* sinks [\d,.]+, total", output), output
 
 
 def test_bench_refuses_bad_arguments() -> None:
