@@ -340,6 +340,9 @@ def targets(report: Report) -> list[str]:
     dsat = figures.get("dsat tasks/s")
     vs_ceiling = report.ratio(dsat, "ceiling tasks/s") if dsat else None
     vs_celery = report.ratio(dsat, "celery tasks/s") if dsat else None
+    sinks = figures.get("dsat sinks tasks/s")
+    sinks_vs_ceiling = report.ratio(sinks, "ceiling tasks/s") if sinks else None
+    sinks_vs_celery = report.ratio(sinks, "celery tasks/s") if sinks else None
     growth = next((n for n in figures if n.startswith("tracker RSS 1M")), "")
     # (what, the value measured, its unit, the limit, whether the value must reach or stay below)
     rows: list[tuple[str, float | None, str, float, bool]] = [
@@ -350,6 +353,11 @@ def targets(report: Report) -> list[str]:
         ("tracker >= 200,000 events/s", median("tracker events/s"), "events/s", 200_000, True),
         ("tracker RSS after 1M tasks <= 1.2x after 10k", median(growth) if growth else None,
          "ratio", 1.2, False),
+        # the same targets for the pipeline of sink steps, shown apart
+        ("dsat sinks >= 0.5x the ceiling", sinks_vs_ceiling, "ratio", 0.5, True),
+        ("dsat sinks >= 100x Celery+Redis", sinks_vs_celery, "ratio", 100, True),
+        ("dsat sinks latency p50 <= 1 ms", median("dsat sinks latency p50"), "ms", 1.0, False),
+        ("dsat sinks latency p99 <= 5 ms", median("dsat sinks latency p99"), "ms", 5.0, False),
     ]  # fmt: skip
     lines = []
     for text, value, unit, limit, at_least in rows:
