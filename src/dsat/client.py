@@ -550,7 +550,7 @@ class Client:
                 if ended and stored:  # the store's last event is the one that ended it
                     stored[-1] = replace(stored[-1], over=True, state=ended)
                 # the reply that shows the end holds the results: wait needs no other query
-                results = raw["results"] if ended and raw is not None else None
+                results = raw.get("results") if ended and raw is not None else None
                 for event in stored:
                     last = event.tseq
                     yield event, results if event is stored[-1] else None
