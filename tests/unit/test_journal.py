@@ -45,7 +45,7 @@ def record(n: int, event: Event = Event.ACK) -> EventRecord:
 
 def opened(path: Path, epoch: int = 7) -> Journal:
     journal = Journal(str(path))
-    journal.open(Replay(epoch=epoch))
+    journal.open(Replay(), epoch=epoch)
     return journal
 
 
@@ -356,22 +356,45 @@ def test_appends_after_a_rewrite_go_to_the_new_file(path: Path) -> None:
     assert list(replay(path).tasks) == [key(2)]
 
 
-def test_opening_a_journal_again_keeps_what_it_held(path: Path) -> None:
+def test_opening_a_journal_again_keeps_its_tasks_and_starts_a_new_epoch(path: Path) -> None:
     journal = opened(path, epoch=5)
     journal.accept(key(1), frames(1))
     journal.attempt(key(1), 3)
     journal.finished(key(1), 2)
-    journal.events([(1, record(1)), (2, record(2))])
+    journal.events([(1, record(1)), (2, record(2)), (3, record(3))])
     journal.confirm(1)
     journal.close()
     found = replay(path)
+    assert found.events == [(2, record(2)), (3, record(3))]
     restarted = Journal(str(path))
-    restarted.open(found)
+    now = restarted.open(found)
     restarted.close()
-    assert replay(path) == found
-    assert found.tasks == {key(1): Entry(frames(1), attempt=3, finished=2)}
-    assert found.events == [(2, record(2))]
-    assert (found.epoch, found.next_eseq, found.confirmed) == (5, 3, 1)
+    assert replay(path) == now
+    assert now.tasks == {key(1): Entry(frames(1), attempt=3, finished=2)}
+    # the events not confirmed, numbered anew under an epoch of their own: a number
+    # the tracker saw under the old epoch is never given to another event
+    assert now.epoch not in (0, 5)
+    assert now.events == [(1, record(2)), (2, record(3))]
+    assert (now.next_eseq, now.confirmed) == (3, 0)
+
+
+def test_every_open_is_a_new_epoch(path: Path) -> None:
+    epochs = set()
+    for _ in range(5):
+        journal = Journal(str(path))
+        epochs.add(journal.open(journal.replay()).epoch)
+        journal.close()
+    assert len(epochs) == 5
+
+
+def test_an_accept_written_with_its_forwards_replays_with_them(path: Path) -> None:
+    journal = opened(path)
+    journal.accept(key(1), frames(1), [("csv", frames(1, seq=2))])
+    journal.accept(key(2), frames(2), [])
+    journal.close()
+    found = replay(path)
+    assert found.tasks[key(1)].forwards == [("csv", frames(1, seq=2))]
+    assert found.tasks[key(2)].forwards == []
 
 
 def test_pending_records_are_dropped_by_a_rewrite(path: Path) -> None:
@@ -398,3 +421,61 @@ def test_a_journal_that_cannot_be_created_raises_journal_error(tmp_path: Path) -
     blocker.write_text("")
     with pytest.raises(JournalError):
         Journal(str(blocker / "cpu.journal")).open(Replay(epoch=1))
+
+
+def test_a_failed_write_keeps_its_records_and_leaves_nothing_torn(path: Path) -> None:
+    journal = opened(path)
+    journal.accept(key(1), frames(1))
+    journal.flush()
+    size = path.stat().st_size
+    journal.accept(key(2), frames(2))
+    journal.attempt(key(2), 1)
+    fd = journal._fd
+    journal._fd = os.open(os.devnull, os.O_RDONLY)  # every write fails
+    with pytest.raises(JournalError, match="cannot append to journal"):
+        journal.flush()
+    os.close(journal._fd)
+    journal._fd = fd
+    assert journal.pending
+    assert path.stat().st_size == size == journal.size
+    assert list(replay(path).tasks) == [key(1)]
+    journal.flush()  # the disk has room again: all of it lands
+    assert not journal.pending
+    assert replay(path).tasks == {key(1): Entry(frames(1)), key(2): Entry(frames(2), attempt=1)}
+    journal.close()
+
+
+def test_a_discarded_record_is_never_written(path: Path) -> None:
+    journal = opened(path)
+    journal.accept(key(1), frames(1))
+    journal.discard()
+    journal.close()
+    assert replay(path).tasks == {}
+
+
+def test_with_no_room_for_a_copy_the_new_epoch_is_appended(path: Path) -> None:
+    journal = opened(path, epoch=3)
+    journal.accept(key(1), frames(1))
+    journal.events([(1, record(1)), (2, record(2))])
+    journal.confirm(1)
+    journal.close()
+    with open(path, "ab") as file:
+        file.write(b"\x00\x00\x01")  # a torn tail, cut back before the append
+    (path.parent / "cpu.queue.journal.new").mkdir()  # the copy cannot be made
+    found = replay(path)
+    restarted = Journal(str(path))
+    original = restarted.rewrite
+
+    def no_room(*args: object, **kwargs: object) -> None:
+        raise JournalError("cannot write journal: [Errno 28] No space left", disk_full=True)
+
+    restarted.rewrite = no_room  # type: ignore[method-assign]
+    now = restarted.open(found, epoch=4)
+    restarted.rewrite = original  # type: ignore[method-assign]
+    restarted.accept(key(2), frames(2))
+    restarted.close()
+    again = replay(path)
+    assert list(now.tasks) == [key(1)]
+    assert list(again.tasks) == [key(1), key(2)]
+    assert again.epoch == 4
+    assert again.events == [(1, record(2))]
