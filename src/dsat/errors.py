@@ -36,3 +36,7 @@ class TopologyError(DsatError):
     def __init__(self, problems: Sequence[Problem]) -> None:
         super().__init__("\n".join(str(p) for p in problems))
         self.problems = tuple(problems)
+
+
+class SupervisorError(DsatError):
+    """The satellite's processes could not be started, scaled or stopped."""

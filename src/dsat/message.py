@@ -392,6 +392,18 @@ def send_frames(socket: zmq.Socket[Any], frames: Sequence[bytes], flags: int = 0
         _send(socket, frame, more if index < last else flags)
 
 
+def send_tracked(socket: zmq.Socket[Any], frames: Sequence[bytes]) -> zmq.MessageTracker:
+    """Send frames as one message; the tracker it returns is done once ZeroMQ has
+    passed the message on (to the kernel's socket: a process that dies after that does
+    not take it along). The socket needs ``copy_threshold = 0`` (else small frames are
+    copied, and their tracker is done at once)."""
+    last = len(frames) - 1
+    for frame in frames[:last]:
+        _send(socket, frame, _SNDMORE)
+    tracker: zmq.MessageTracker = _send(socket, frames[last], 0, False, True)
+    return tracker
+
+
 def recv_frames(socket: zmq.Socket[Any], flags: int = 0) -> list[bytes]:
     """Receive one message's frames as bytes (``NOBLOCK``: ``zmq.Again`` when none).
 
@@ -620,6 +632,9 @@ DETAIL_TYPES: Final[Mapping[str, tuple[type, ...]]] = {
     "deadline": (float, int),
     "elapsed": (float, int),
     "reason": (str,),
+    "traceback": (str,),  # where a function raised (ERROR, TIMEOUT, FAILURE)
+    "result_size": (int,),  # a result not kept: its size and the limit it passed
+    "result_limit": (int,),
 }
 
 

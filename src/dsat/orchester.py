@@ -31,7 +31,7 @@ from dsat import curve
 from dsat.curve import Guard
 from dsat.errors import MessageError
 from dsat.fsm import ROOT, Event
-from dsat.journal import Entry, Key
+from dsat.journal import Entry, JournalError, Key
 from dsat.message import (
     NOBLOCK,
     PROTOCOL,
@@ -47,7 +47,7 @@ from dsat.message import (
     field_of,
     send_frames,
 )
-from dsat.router import Context, FixedPoint, Pending, child_branch
+from dsat.router import STALL_RETRY, Context, FixedPoint, Pending, child_branch
 from dsat.topology import ORCHESTER, Kind, Topology, get_connection, resolve_call
 from dsat.worker import Task, conditions_of, state_wrapper
 
@@ -56,6 +56,15 @@ log = logging.getLogger("dsat.orchester")
 MAX_SUBMIT: Final = 10_000  # tasks in one submit message
 MAX_REPLIES: Final = 1_000  # replies a source reads between two ticks
 REQUESTS: Final = frozenset({"submit", "resend", "hello"})
+
+
+def _refusal(exc: JournalError) -> tuple[str, dict[str, Any]]:
+    """What a client is told while the entry's journal cannot be written."""
+    return "refused", {
+        "reason": f"the entry cannot keep new tasks: {exc}",
+        "busy": True,
+        "disk_full": exc.disk_full,
+    }
 
 
 class TaskIds:
@@ -82,6 +91,7 @@ class Orchester(FixedPoint):
         context: Context,
         journal_dir: str,
         guard: Guard | None = None,
+        run: str = "",
     ) -> None:
         super().__init__(
             topology,
@@ -90,6 +100,7 @@ class Orchester(FixedPoint):
             context=context,
             journal_dir=journal_dir,
             guard=guard,
+            run=run,
         )
 
         def setup(socket: zmq.Socket[bytes]) -> None:
@@ -116,11 +127,17 @@ class Orchester(FixedPoint):
         self.forwarding: dict[Key, list[bytes]] = {}  # task key -> its INIT frames
         for key, entry in self.replayed.tasks.items():
             self.forwarding[key] = entry.frames
-            for target, frames in entry.forwards or []:
+            forwards = entry.forwards
+            if forwards is None:  # a journal of an older dsat, torn between two records
+                init = decode(entry.frames)
+                forwards = self.send_on(init.envelope, init.payload, key, [init.envelope.next])
+                self.journal.forward(key, forwards)
+                continue
+            for target, frames in forwards:
                 envelope = decode(frames).envelope
                 child = (envelope.task_id, envelope.branch, envelope.seq)
                 self.outbox.add(Pending(child, key, target, frames))
-            if not entry.forwards:
+            if not forwards:
                 self.forwarded(key)
         self.replayed.tasks.clear()
 
@@ -170,7 +187,10 @@ class Orchester(FixedPoint):
                 reply = ("refused", {"reason": str(exc), "busy": False})
             kind, body = reply
             body["ref"] = ref if type(ref) in (int, str) else None
-            self.send(submit, [peer, *control(kind, body)])
+            # at once, not after the cycle's write: what it accepted is written already
+            # (see durably), and a refusal promises nothing
+            with contextlib.suppress(zmq.Again):  # a client gone: it asks again
+                send_frames(submit, [peer, *control(kind, body)], NOBLOCK)
 
     def on_submit(self, body: Any, payloads: tuple[bytes, ...]) -> tuple[str, dict[str, Any]]:
         targets = field_of(body, "targets", list, "submit")
@@ -197,6 +217,9 @@ class Orchester(FixedPoint):
             raise MessageError("submit: no payload")
         if self.stopping:
             return "refused", {"reason": "the satellite is stopping", "busy": True}
+        cannot = self.cannot_write()
+        if cannot is not None:
+            return cannot
         if len(self.forwarding) + len(payloads) > self.capacity:
             self.counters.refused += len(payloads)
             return "refused", {
@@ -214,8 +237,39 @@ class Orchester(FixedPoint):
         task_ids = [
             self.create(payload, targets, job_id, serialization, source) for payload in payloads
         ]
+        cannot = self.write_request([(task_id, ROOT, 0) for task_id in task_ids])
+        if cannot is not None:
+            return cannot
         self.unseen.append((self.reporter.next_eseq - 1, len(task_ids)))
         return "accepted", {"task_ids": task_ids}
+
+    # -- nothing is accepted before it is written
+
+    def cannot_write(self) -> tuple[str, dict[str, Any]] | None:
+        """Write what earlier work left in the journal; the refusal to give when it fails.
+
+        A request's own records then are the journal's only ones (see write_request)."""
+        self.reporter.journal_fresh()
+        if self.write_journal(time.monotonic()):
+            return None
+        assert self.stall_error is not None
+        return _refusal(self.stall_error)
+
+    def write_request(self, keys: list[Key]) -> tuple[str, dict[str, Any]] | None:
+        """Write a request's tasks before it is answered; if they cannot be written, undo
+        them (nothing of them was sent) and return the refusal to give instead."""
+        count = self.reporter.journal_request()
+        if self.write_journal(time.monotonic()):
+            return None
+        self.journal.discard()
+        self.reporter.take_back(count)
+        for key in keys:
+            self.forwarding.pop(key, None)
+            for child in list(self.outbox.by_parent.get(key, ())):
+                self.outbox.remove(child)
+        self.counters.accepted -= len(keys)
+        assert self.stall_error is not None
+        return _refusal(self.stall_error)
 
     def create(
         self, payload: bytes, targets: list[str], job_id: str, serialization: str, source: str
@@ -244,8 +298,7 @@ class Orchester(FixedPoint):
         self.event(envelope, Event.INIT, next=list(targets))
         self.forwarding[key] = frames
         forwards = self.send_on(envelope, payload, key, list(targets))
-        self.journal.accept(key, frames)
-        self.journal.forward(key, forwards)
+        self.journal.accept(key, frames, forwards)  # one record: never found without them
         return task_id
 
     def send_on(
@@ -314,12 +367,17 @@ class Orchester(FixedPoint):
         key = (task_id, envelope.branch, envelope.seq)
         if key in self.forwarding:
             return "accepted", {"task_ids": [task_id]}
+        cannot = self.cannot_write()
+        if cannot is not None:
+            return cannot
         frames = encode(envelope, extra[0])
         self.event(envelope, Event.RETRY, next=[step])
         self.forwarding[key] = frames
         forwards = self.send_on(envelope, extra[0], key, [step])
-        self.journal.accept(key, frames)
-        self.journal.forward(key, forwards)
+        self.journal.accept(key, frames, forwards)
+        cannot = self.write_request([key])
+        if cannot is not None:
+            return cannot
         return "accepted", {"task_ids": [task_id]}
 
     def hello(self) -> tuple[str, dict[str, Any]]:
@@ -332,9 +390,15 @@ class Orchester(FixedPoint):
         self.watch_monitors()
         try:
             while not (self.stopping and self.drained()):
+                if self.stalled and self.stopping:
+                    break  # nothing unwritten ever left: the journal is the whole truth
                 now = time.monotonic()
-                ready = dict(self.poller.poll(math.ceil(self.next_timeout(now) * 1000)))
-                self.read_common(ready)
+                # stalled (its journal cannot be written): only submissions are heard,
+                # to be told why they are refused
+                wait = STALL_RETRY if self.stalled else self.next_timeout(now)
+                ready = dict(self.poller.poll(math.ceil(wait * 1000)))
+                if not self.stalled:
+                    self.read_common(ready)
                 for socket in self.submits:
                     if socket in ready:
                         self.read_submit(socket)
@@ -351,6 +415,8 @@ class Orchester(FixedPoint):
                 self.unseen.popleft()
 
     def drained(self) -> bool:
+        if self.stop_overdue():
+            return True  # what it still hands on is in its journal, for the next run
         return not self.forwarding and (
             not self.reporter.unconfirmed or time.monotonic() - self.reporter.sent_at > 3.0
         )

@@ -32,7 +32,6 @@ import heapq
 import logging
 import math
 import os
-import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -45,7 +44,7 @@ from dsat import curve
 from dsat.curve import Guard
 from dsat.errors import MessageError
 from dsat.fsm import NAME, Event
-from dsat.journal import Entry, Forward, Journal, Key
+from dsat.journal import COMPACT_BYTES, Entry, Forward, Journal, JournalError, Key
 from dsat.message import (
     NOBLOCK,
     Control,
@@ -57,7 +56,6 @@ from dsat.message import (
     decode,
     decode_control,
     drain,
-    dumps,
     encode,
     field_of,
     loads,
@@ -65,7 +63,14 @@ from dsat.message import (
     send_frames,
 )
 from dsat.topology import ORCHESTER, Kind, Step, Topology, get_connection, inbox_address
-from dsat.worker import Attempt, Task, conditions_of, function_of, run_attempt
+from dsat.worker import (
+    Attempt,
+    Task,
+    conditions_of,
+    encode_result,
+    function_of,
+    run_attempt,
+)
 
 log = logging.getLogger("dsat.router")
 
@@ -84,6 +89,7 @@ MAX_BATCH: Final = 2000  # events per batch, messages read per socket per cycle
 # the tracker's socket (a tracker behind would otherwise hold every router's backlog)
 BUNDLE_MAX: Final = 256  # task messages sent to one inbox in one message, at most
 ANSWERS: Final = frozenset({"ack", "busy", "release"})  # what a sender hears back
+WORKER_MESSAGES: Final = frozenset({"credit", "start", "result", "bye"})
 EVENTS_IN_FLIGHT: Final = 2 * MAX_BATCH
 # events not yet confirmed by the tracker past which a router takes no new task: a
 # tracker that falls behind slows the pipeline down instead of filling its memory
@@ -98,6 +104,11 @@ INLINE_FOR: Final = 0.02  # seconds a sink runs tasks before it turns to its soc
 INLINE_MAX: Final = 256  # tasks a sink runs in one cycle, at most
 DEPTH_EVERY: Final = 32  # tasks ended between two looks at the typical duration
 DEATH_GRACE: Final = 0.1  # seconds a dead worker's last messages get to arrive
+STALL_RETRY: Final = 0.25  # seconds between two tries of a journal write that failed
+STALL_LOG_EVERY: Final = 10.0
+# A stopping router that still hands tasks on exits after this long anyway: what it
+# holds is in its journal, and its next run hands it on.
+STOP_GRACE: Final = 5.0
 
 
 def child_branch(task_id: str, parent: int, seq: int, target: str, index: int) -> int:
@@ -150,6 +161,21 @@ class Reporter:
             self.journal.events(self.fresh)
             self.outstanding.extend(self.fresh)
             self.fresh = []
+
+    def journal_request(self) -> int:
+        """Journal the events made since the last call (one request's), and return how
+        many, for :meth:`take_back`."""
+        count = len(self.fresh)
+        self.journal_fresh()
+        return count
+
+    def take_back(self, count: int) -> None:
+        """Forget the last ``count`` events journaled and not sent: what made them was
+        undone (their journal write failed)."""
+        for _ in range(count):
+            self.outstanding.unconfirmed.pop()
+            self.outstanding.unsent.pop()
+        self.next_eseq -= count
 
     def send(self, now: float) -> None:
         """Send what was not sent yet (everything unconfirmed again after a silence)."""
@@ -511,8 +537,10 @@ class Item:
     state: str = "queued"  # queued | held | waiting (retry) | forwarding
     worker: bytes = b""
     since: float = 0.0  # monotonic time it was handed to a worker
-    killed: bool = False
     sender: tuple[zmq.Socket[bytes], bytes] | None = None  # another satellite's router
+    recorded: int = 0  # the try whose START is journaled (a sink's, waiting for the disk)
+    started: bool = False  # its worker said it runs it (a queue's)
+    traceback: str = ""  # of the last try that raised: the FAILURE keeps it
 
 
 @dataclass
@@ -545,9 +573,11 @@ class FixedPoint:
         context: Context,
         journal_dir: str,
         guard: Guard | None = None,
+        run: str = "",
     ) -> None:
         self.topology = topology
         self.guard = guard
+        self.run_id = run  # this run of the satellite: its processes' messages carry it
         self.node = node
         # "cpu" of "cpu.queue"; the orchester's events belong to no step
         self.step_name = "" if node == ORCHESTER else node.split(".", 1)[0]
@@ -557,6 +587,8 @@ class FixedPoint:
         self.wid = node
         self.pid = os.getpid()
         self.stopping = False
+        self.stop_asked = 0.0
+        self.stall_error: JournalError | None = None
         self.counters = Counters()
         self.poller = zmq.Poller()
         self.outgoing: list[tuple[zmq.Socket[bytes], list[bytes]]] = []
@@ -567,11 +599,14 @@ class FixedPoint:
         self.malformed_logged = 0.0
 
         self.journal = Journal(os.path.join(journal_dir, f"{node}.journal"))
-        replay = self.journal.replay()
-        epoch = replay.epoch or secrets.randbelow(2**31) + 1
-        replay.epoch = epoch
-        self.journal.open(replay)
+        replay = self.journal.open(self.journal.replay())  # a new epoch at every start
+        epoch = replay.epoch
         self.replayed = replay
+        # the journal could not be written since then (a full disk): nothing of the
+        # cycles since leaves the process until it is
+        self.stalled_since = 0.0
+        self.stall_logged = 0.0
+        self.compact_at = COMPACT_BYTES
 
         events = context.socket(zmq.DEALER)
         configure(events, hwm=100_000, max_size=topology.defaults.max_message_size)
@@ -659,10 +694,14 @@ class FixedPoint:
         self.outgoing.append((socket, frames))
 
     def commit(self) -> None:
-        """Journal first, then send: nothing leaves that a restart would not remember."""
+        """Journal first, then send: nothing leaves that a restart would not remember.
+
+        A write that fails (a full disk) stops the cycle's sends: they wait, with what
+        the journal could not write, for the next try (see :meth:`stalled`)."""
         now = time.monotonic()
         self.reporter.journal_fresh()
-        self.journal.flush()
+        if not self.write_journal(now):
+            return
         for socket, frames in self.outgoing:
             try:
                 send_frames(socket, frames, NOBLOCK)
@@ -676,20 +715,66 @@ class FixedPoint:
         if self.peers is not None:
             self.peers.flush(now)
         self.reporter.send(now)
-        if self.journal.size > 64 * 1024 * 1024:
+        if self.journal.size > self.compact_at:
             self.compact()
 
+    def write_journal(self, now: float) -> bool:
+        """Write what the journal holds; False (and the router stalls) when it cannot."""
+        try:
+            self.journal.flush()
+        except JournalError as exc:
+            if not self.stalled_since:
+                self.stalled_since = now
+                log.error("%s: %s; nothing leaves until it is written", self.node, exc)
+                self.stall_logged = now
+            elif now - self.stall_logged >= STALL_LOG_EVERY:
+                self.stall_logged = now
+                log.error(
+                    "%s: still stalled for %.0fs: %s", self.node, now - self.stalled_since, exc
+                )
+            self.stall_error = exc
+            return False
+        if self.stalled_since:
+            log.warning(
+                "%s: journal written again after %.1fs; going on",
+                self.node,
+                now - self.stalled_since,
+            )
+            self.stalled_since = 0.0
+        return True
+
+    @property
+    def stalled(self) -> bool:
+        """The last journal write failed: the router takes nothing new and sends nothing."""
+        return bool(self.stalled_since)
+
+    def wait_for_journal(self) -> None:
+        """One turn of a stalled router: pause, then try the write (and the sends) again."""
+        time.sleep(STALL_RETRY)  # nothing to read until the journal can take it
+        self.commit()
+
     def compact(self) -> None:
-        """Rewrite the journal with only what is still live."""
+        """Rewrite the journal with only what is still live (later, if there is no room)."""
         entries = self.live_entries()
-        self.journal.rewrite(
-            self.reporter.epoch,
-            entries,
-            list(self.reporter.unconfirmed),
-            self.reporter.unconfirmed[0][0] - 1
-            if self.reporter.unconfirmed
-            else self.reporter.next_eseq - 1,
-        )
+        try:
+            self.journal.rewrite(
+                self.reporter.epoch,
+                entries,
+                list(self.reporter.unconfirmed),
+                self.reporter.unconfirmed[0][0] - 1
+                if self.reporter.unconfirmed
+                else self.reporter.next_eseq - 1,
+            )
+        except JournalError as exc:
+            self.compact_at = self.journal.size + COMPACT_BYTES // 4
+            log.warning(
+                "%s: journal not compacted (again past %d bytes): %s",
+                self.node,
+                self.compact_at,
+                exc,
+            )
+            return
+        self.compact_at = COMPACT_BYTES
 
     def live_entries(self) -> list[tuple[Key, Entry]]:
         return []
@@ -703,7 +788,11 @@ class FixedPoint:
         for frames in drain(self.events_socket, MAX_BATCH):
             try:
                 message = decode_control(frames, frozenset({"confirm", "tracked"}))
-                live = message.body.get("live") if type(message.body) is dict else None
+                if type(message.body) is not dict:
+                    raise MessageError(f"{message.kind}: need a map")
+                if message.body.get("run", self.run_id) != self.run_id:
+                    continue  # a tracker of another run (a former one, still going away)
+                live = message.body.get("live")
                 if message.kind == "tracked":
                     if type(live) is int and live >= 0:
                         self.heard_live(live, None)
@@ -819,7 +908,13 @@ class FixedPoint:
         return ready
 
     def stop(self) -> None:
+        if not self.stopping:
+            self.stop_asked = time.monotonic()
         self.stopping = True
+
+    def stop_overdue(self) -> bool:
+        """Stopping for longer than STOP_GRACE: go, what is left is in the journal."""
+        return self.stopping and time.monotonic() - self.stop_asked > STOP_GRACE
 
     def close(self) -> None:
         self.journal.close()
@@ -898,14 +993,9 @@ class Router(FixedPoint):
                 self._resend(item, entry.forwards)
             elif entry.attempt and entry.finished < entry.attempt:
                 item.attempt = entry.attempt
-                self.counters.errors += 1
-                self.event(
-                    item.envelope,
-                    Event.ERROR,
-                    attempt=entry.attempt,
-                    error=f"lost: {self.node} restarted while try {entry.attempt} ran",
+                self.try_failed(
+                    item, Event.ERROR, f"lost: {self.node} restarted while try {entry.attempt} ran"
                 )
-                self.failed_attempt(item, "lost in a restart")
             else:
                 item.attempt = max(1, entry.finished + 1) if entry.finished else 1
                 self.queue.append(key)
@@ -1099,9 +1189,38 @@ class Router(FixedPoint):
         if len(value) <= limit:
             detail["result"] = value
         else:
-            detail["reason"] = f"result of {len(value)} bytes not kept (limit {limit})"
+            detail.update(
+                reason=f"result of {len(value)} bytes not kept (limit {limit})",
+                result_size=len(value),
+                result_limit=limit,
+            )
         self.event(item.envelope, Event.HAPPY_END, attempt=item.attempt, wid=wid, pid=pid, **detail)
         self.finish(item.key)
+
+    def try_failed(
+        self,
+        item: Item,
+        event: Event,
+        error: str,
+        *,
+        elapsed: float = 0.0,
+        traceback: str = "",
+        final: bool = False,
+        wid: str = "",
+        pid: int = 0,
+    ) -> None:
+        """A try ended in ERROR or TIMEOUT: report it, then try again later or give up
+        (at once when ``final``: an error no retry can mend)."""
+        self.counters.errors += 1
+        detail: dict[str, Any] = {"error": error, "elapsed": elapsed}
+        if traceback:
+            detail["traceback"] = traceback
+            item.traceback = traceback
+        self.event(item.envelope, event, attempt=item.attempt, wid=wid, pid=pid, **detail)
+        if final:
+            self.give_up(item, f"{error} (not retried: a retry cannot mend it)")
+        else:
+            self.failed_attempt(item, error)
 
     def failed_attempt(self, item: Item, error: str) -> None:
         """A try ended in ERROR or TIMEOUT (already reported): try again later, or give up."""
@@ -1118,6 +1237,9 @@ class Router(FixedPoint):
     def give_up(self, item: Item, error: str) -> None:
         """FAILURE: the task ends here, kept as a dead letter (payload and last error)."""
         self.counters.failed += 1
+        detail: dict[str, Any] = {}
+        if item.traceback:
+            detail["traceback"] = item.traceback
         self.event(
             item.envelope,
             Event.FAILURE,
@@ -1125,6 +1247,7 @@ class Router(FixedPoint):
             error=error,
             payload=item.payload,
             serialization=item.envelope.serialization,
+            **detail,
         )
         self.finish(item.key)
 
@@ -1152,6 +1275,11 @@ class Router(FixedPoint):
         self.watch_monitors()
         try:
             while not (self.stopping and self.drained()):
+                if self.stalled:
+                    if self.stopping:
+                        break  # nothing unwritten ever left: the journal is the whole truth
+                    self.wait_for_journal()
+                    continue
                 now = time.monotonic()
                 ready = dict(self.poller.poll(math.ceil(self.next_timeout(now) * 1000)))
                 self.read(ready)
@@ -1178,7 +1306,10 @@ class Router(FixedPoint):
         """Start queued tasks (on workers, inline...)."""
 
     def drained(self) -> bool:
-        """May a stopping router exit? When nothing it started is still running."""
+        """May a stopping router exit? When what it started is handed on (or it waited
+        STOP_GRACE for it: its journal keeps the rest for the next run)."""
+        if self.stop_overdue():
+            return True
         return not any(i.state == "forwarding" for i in self.items.values()) and (
             not self.reporter.unconfirmed or time.monotonic() - self.reporter.sent_at > 3.0
         )
@@ -1210,6 +1341,8 @@ class WorkerInfo:
     capacity: int = 1  # tasks it may hold at once (it runs them one after the other)
     held: dict[Key, None] = field(default_factory=dict)  # in order: the first one runs
     leaving: bool = False
+    handed: float = 0.0  # since then it holds tasks and has started none (0: not so)
+    killed: bool = False  # we sent it SIGKILL
 
     @property
     def running(self) -> Key | None:
@@ -1393,13 +1526,21 @@ class QueueRouter(Router):
             try:
                 message = decode_control(
                     frames,
-                    frozenset({"credit", "result", "bye"}),
+                    WORKER_MESSAGES,
                     max_size=self.topology.defaults.max_message_size,
                 )
-                if message.kind == "credit":
-                    self.credit(identity, message.body)
-                elif message.kind == "result":
+                if type(message.body) is not dict:
+                    raise MessageError(f"{message.kind}: need a map")
+                if message.body.get("run", self.run_id) != self.run_id:
+                    raise MessageError(
+                        f"{message.kind} from a worker of another run of this satellite"
+                    )
+                if message.kind == "result":
                     self.result(identity, message.body, message.extra)
+                elif message.kind == "start":
+                    self.started(identity, message.body)
+                elif message.kind == "credit":
+                    self.credit(identity, message.body)
                 else:
                     self.bye(identity)
             except MessageError as exc:
@@ -1443,9 +1584,10 @@ class QueueRouter(Router):
         return self._depth[1]
 
     def start(self, worker: WorkerInfo, item: Item, now: float) -> None:
-        """The task reached the front of its worker: it runs now (START)."""
+        """Its worker runs the task now (it said so): START."""
+        worker.handed = 0.0
         item.since = now
-        item.killed = False
+        item.started = True
         self.journal.attempt(item.key, item.attempt)
         self.event(
             item.envelope,
@@ -1456,6 +1598,28 @@ class QueueRouter(Router):
             deadline=time.time() + self.step_def.timeout + KILL_GRACE,
         )
 
+    def _held(self, worker: WorkerInfo, key: Key, attempt: int) -> Item | None:
+        """The task a worker speaks of, if it holds this try of it."""
+        item = self.items.get(key)
+        if (
+            key not in worker.held
+            or item is None
+            or item.state != "held"
+            or item.attempt != attempt
+            or item.worker != worker.identity
+        ):
+            return None
+        return item
+
+    def started(self, identity: bytes, body: Any) -> None:
+        """A worker that was idle starts a task (later ones it names in its answers)."""
+        (key,) = _keys([field_of(body, "key", list, "start")])
+        attempt = field_of(body, "attempt", int, "start")
+        worker = self.workers.get(identity)
+        item = self._held(worker, key, attempt) if worker is not None else None
+        if worker is not None and item is not None and not item.started:
+            self.start(worker, item, time.monotonic())
+
     def result(self, identity: bytes, body: Any, extra: tuple[bytes, ...]) -> None:
         raw_key = field_of(body, "key", list, "result")
         (key,) = _keys([raw_key])
@@ -1465,108 +1629,114 @@ class QueueRouter(Router):
         elapsed = float(field_of(body, "elapsed", (float, int), "result"))
         serialization = field_of(body, "serialization", str, "result")
         targets = tuple(field_of(body, "targets", list, "result"))
+        raw_next = body.get("next")
+        following = _keys([raw_next])[0] if raw_next is not None else None
+        traceback = body.get("traceback", "")
         if status not in ("END", "ERROR", "TIMEOUT") or not all(type(t) is str for t in targets):
             raise MessageError(f"result: bad status {status!r:.20} or targets")
         if set(targets) - self.outbox.targets:
             raise MessageError(f"result: unknown next step in {targets!r:.80}")
+        if type(traceback) is not str:
+            raise MessageError("result: traceback must be a string")
         worker = self.workers.get(identity)
         if worker is None:
             # not (or no longer) one of our workers: a worker of the router we replaced
             # after a crash; its task went back to the queue when we replayed the journal
             self.counters.duplicates += 1
             return
-        item = self.items.get(key)
-        if (
-            key not in worker.held
-            or item is None
-            or item.state != "held"
-            or item.attempt != attempt
-            or item.worker != identity
-        ):
+        now = time.monotonic()
+        item = self._held(worker, key, attempt)
+        if item is None:
             worker.held.pop(key, None)
             self.counters.duplicates += 1  # a stale answer (the task went to another worker)
+        else:
+            if not item.started:  # its start is in this answer's place: it ran
+                self.start(worker, item, now)
+            del worker.held[key]
+        if following is not None:
+            # what it runs now, named in the same message: START only for what runs
+            nxt = self.items.get(following)
+            if nxt is not None and following in worker.held and not nxt.started:
+                self.start(worker, nxt, now)
+        if worker.held and not worker.handed and not self._runs(worker):
+            worker.handed = now  # what it holds reaches it: it will say when it starts
+        if item is None:
             return
-        now = time.monotonic()
-        if worker.running != key:  # answered out of turn: it ran, so it started
-            self.start(worker, item, now)
-        del worker.held[key]
-        following = worker.running
-        if following is not None and following in self.items:
-            self.start(worker, self.items[following], now)
         wid, pid = worker.wid, worker.pid
         item.worker = b""
+        item.started = False
         if status == "END":
             self.ended(
                 item, extra[0] if extra else b"", serialization, targets, elapsed, wid=wid, pid=pid
             )
             return
-        self.counters.errors += 1
-        event = Event.ERROR if status == "ERROR" else Event.TIMEOUT
-        self.event(
-            item.envelope,
-            event,
-            attempt=item.attempt,
+        self.try_failed(
+            item,
+            Event.ERROR if status == "ERROR" else Event.TIMEOUT,
+            error,
+            elapsed=elapsed,
+            traceback=traceback,
+            final=body.get("final") is True,
             wid=wid,
             pid=pid,
-            error=error,
-            elapsed=elapsed,
         )
-        self.failed_attempt(item, error)
+
+    def _runs(self, worker: WorkerInfo) -> Item | None:
+        """The task a worker runs (it said it started it), if any."""
+        key = worker.running
+        item = self.items.get(key) if key is not None else None
+        return item if item is not None and item.started else None
 
     def bye(self, identity: bytes) -> None:
-        """A worker leaves (scaled down, or stopped): what it had not started comes back."""
+        """A worker leaves (scaled down, or stopped) after answering the task it ran:
+        everything it still holds it never started, and comes back untouched."""
         worker = self.workers.get(identity)
         if worker is None:
             return
         worker.leaving = True
-        self.hand_back(worker, keep_running=True)
+        self.hand_back(worker)
 
-    def hand_back(self, worker: WorkerInfo, *, keep_running: bool) -> None:
-        """Tasks a worker held but had not started go back to the front of the queue."""
-        running = worker.running
+    def hand_back(self, worker: WorkerInfo) -> None:
+        """The tasks a worker held and never started go back to the front of the queue,
+        as they were (no try is charged); a started one stays, for worker_died."""
         for key in reversed(list(worker.held)):
-            if keep_running and key == running:
-                continue
             item = self.items.get(key)
+            if item is not None and item.started and item.state == "held":
+                continue
             del worker.held[key]
-            if key == running or item is None or item.state != "held":
+            if item is None or item.state != "held":
                 continue
             item.state = "queued"
             item.worker = b""
             self.queue.appendleft(key)
+        if not worker.held:
+            worker.handed = 0.0
 
     def worker_died(self, identity: bytes) -> None:
+        """A worker is gone: only the task it was running (if it had started one) is
+        charged with its death; the others come back untouched."""
         self.dying.pop(identity, None)
         worker = self.workers.pop(identity)
         del self.by_pidfd[worker.pidfd]
         os.close(worker.pidfd)
         if not worker.leaving:
             log.warning("%s: worker %s (pid %d) died", self.node, worker.wid, worker.pid)
-        running = worker.running
-        self.hand_back(worker, keep_running=True)  # the ones it had not started never ran
-        item = self.items.get(running) if running is not None else None
+        self.hand_back(worker)
+        running = [self.items[k] for k in worker.held if k in self.items]
         worker.held.clear()
-        if item is None or item.state != "held":
-            return
-        item.worker = b""
-        elapsed = time.monotonic() - item.since
-        self.counters.errors += 1
-        if elapsed >= self.step_def.timeout:
-            error = f"ran past its timeout of {self.step_def.timeout:g}s; worker killed"
-            event = Event.TIMEOUT
-        else:
-            error = f"worker {worker.wid} (pid {worker.pid}) died during the task"
-            event = Event.ERROR
-        self.event(
-            item.envelope,
-            event,
-            attempt=item.attempt,
-            wid=worker.wid,
-            pid=worker.pid,
-            error=error,
-            elapsed=elapsed,
-        )
-        self.failed_attempt(item, error)
+        for item in running:
+            if item.state != "held":
+                continue
+            item.worker = b""
+            item.started = False
+            elapsed = time.monotonic() - item.since
+            if elapsed >= self.step_def.timeout:
+                error = f"ran past its timeout of {self.step_def.timeout:g}s; worker killed"
+                event = Event.TIMEOUT
+            else:
+                error = f"worker {worker.wid} (pid {worker.pid}) died during the task"
+                event = Event.ERROR
+            self.try_failed(item, event, error, elapsed=elapsed, wid=worker.wid, pid=worker.pid)
 
     def dispatch(self) -> None:
         if not self.queue or len(self.outbox.pending) >= self.step_def.max_queue:
@@ -1609,10 +1779,8 @@ class QueueRouter(Router):
                     item.worker = b""
                     self.queue.appendleft(item.key)
                 continue
-            running = worker.running
-            for item in items:
-                if item.key == running:
-                    self.start(worker, item, now)
+            if not worker.handed:
+                worker.handed = now  # it says which it starts (it may be frozen: see tick)
         self.propagate(now)
 
     @property
@@ -1628,22 +1796,27 @@ class QueueRouter(Router):
                     self.worker_died(identity)
         limit = self.step_def.timeout + KILL_GRACE
         for worker in self.workers.values():
-            key = worker.running
-            item = self.items.get(key) if key is not None else None
-            if item is not None and not item.killed and now - item.since > limit:
-                item.killed = True
-                log.warning(
-                    "%s: worker %s (pid %d) is %.1fs past the timeout; killing it",
-                    self.node,
-                    worker.wid,
-                    worker.pid,
-                    now - item.since,
-                )
-                with contextlib.suppress(ProcessLookupError):  # gone: its pidfd tells
-                    os.kill(worker.pid, signal.SIGKILL)
+            if worker.killed:
+                continue
+            item = self._runs(worker)
+            if item is not None and now - item.since > limit:
+                reason = f"is {now - item.since:.1f}s past the timeout"
+            elif item is None and worker.handed and now - worker.handed > limit:
+                # it was given tasks and started none: frozen; nothing of it is charged
+                reason = f"started none of the tasks it was given {now - worker.handed:.1f}s ago"
+            else:
+                continue
+            worker.killed = True
+            log.warning(
+                "%s: worker %s (pid %d) %s; killing it", self.node, worker.wid, worker.pid, reason
+            )
+            with contextlib.suppress(ProcessLookupError):  # gone: its pidfd tells
+                os.kill(worker.pid, signal.SIGKILL)
 
     def drained(self) -> bool:
-        return super().drained() and not any(w.held for w in self.workers.values())
+        return self.stop_overdue() or (
+            super().drained() and not any(w.held for w in self.workers.values())
+        )
 
     def load(self) -> dict[str, Any]:
         report = super().load()
@@ -1715,7 +1888,7 @@ class SinkRouter(Router):
         # its tasks; a fast one runs many, handed on and reported in large batches.
         until = time.monotonic() + INLINE_FOR
         for _ in range(INLINE_MAX):
-            if not self.queue or time.monotonic() > until:
+            if not self.queue or time.monotonic() > until or self.stalled:
                 return
             item = self.items.get(self.queue.popleft())
             if item is None or item.state != "queued":
@@ -1723,40 +1896,55 @@ class SinkRouter(Router):
             self.run_inline(item)
 
     def run_inline(self, item: Item) -> None:
-        item.state = "held"
-        self.journal.attempt(item.key, item.attempt)
-        self.event(
-            item.envelope,
-            Event.START,
-            attempt=item.attempt,
-            deadline=time.time() + self.step_def.timeout + KILL_GRACE,
-        )
+        if item.recorded != item.attempt:
+            self.journal.attempt(item.key, item.attempt)
+            self.event(
+                item.envelope,
+                Event.START,
+                attempt=item.attempt,
+                deadline=time.time() + self.step_def.timeout + KILL_GRACE,
+            )
+            item.recorded = item.attempt
         self.reporter.journal_fresh()
-        self.journal.flush()  # a crash inside the function must find this try journaled
+        # a crash inside the function must find this try journaled: without room for
+        # it, the task waits at the front of the queue (its START written with the rest)
+        if not self.write_journal(time.monotonic()):
+            self.queue.appendleft(item.key)
+            return
+        item.state = "held"
         envelope = item.envelope
         task = _task_of(self, item)
-        allow_pickle = self.topology.defaults.allow_pickle
         try:
-            value = loads(item.payload, envelope.serialization, allow_pickle=allow_pickle)
+            value = loads(
+                item.payload,
+                envelope.serialization,
+                allow_pickle=self.topology.defaults.allow_pickle,
+            )
         except MessageError as exc:
-            outcome = Attempt("ERROR", error=f"payload: {exc}")
+            outcome = Attempt("ERROR", error=f"payload: {exc}", final=True)
         else:
             outcome = run_attempt(self.func, value, task, self.step_def.timeout, self.conditions)
-        data = b""
-        if outcome.status == "END":
-            try:
-                data = dumps(outcome.value, self.step_def.serialization, allow_pickle=allow_pickle)
-            except MessageError as exc:
-                outcome = Attempt("ERROR", error=f"result: {exc}", elapsed=outcome.elapsed)
+        outcome, data = encode_result(outcome, self.topology, self.step_def)
         if outcome.status == "END":
             self.ended(item, data, self.step_def.serialization, outcome.targets, outcome.elapsed)
             return
-        self.counters.errors += 1
-        event = Event.ERROR if outcome.status == "ERROR" else Event.TIMEOUT
-        self.event(
-            envelope, event, attempt=item.attempt, error=outcome.error, elapsed=outcome.elapsed
+        if outcome.traceback:
+            log.warning(
+                "%s: task %s try %d: %s\n%s",
+                self.node,
+                item.key[0],
+                item.attempt,
+                outcome.error,
+                outcome.traceback,
+            )
+        self.try_failed(
+            item,
+            Event.ERROR if outcome.status == "ERROR" else Event.TIMEOUT,
+            outcome.error,
+            elapsed=outcome.elapsed,
+            traceback=outcome.traceback,
+            final=outcome.final,
         )
-        self.failed_attempt(item, outcome.error)
 
 
 def _task_of(router: Router, item: Item) -> Task:
@@ -1809,10 +1997,8 @@ class ForwardRouter(Router):
                 error = f"payload: {exc}"
             except Exception as exc:  # a user's condition failed: the task fails here
                 error = f"condition: {type(exc).__name__}: {exc}"
-            if error:
-                self.counters.errors += 1
-                self.event(item.envelope, Event.ERROR, attempt=item.attempt, error=error)
-                self.give_up(item, error)  # a condition will not change its mind: no retry
+            if error:  # a condition will not change its mind: no retry
+                self.try_failed(item, Event.ERROR, error, final=True)
                 continue
             self.ended(
                 item,

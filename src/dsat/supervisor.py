@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Final, Protocol
 
-from dsat.errors import DsatError
+from dsat.errors import DsatError, SupervisorError
 from dsat.metrics import Sample, desired_workers
-from dsat.node import CANNOT_START, SUPERVISOR_ENV, die_with_parent
+from dsat.node import CANNOT_START, RUN_ENV, SUPERVISOR_ENV, die_with_parent
+from dsat.runlock import hold_satellite, join_run, wait_for_former_run
 from dsat.topology import (
     ORCHESTER,
     TRACKER,
@@ -53,10 +54,7 @@ CONTROL_TIMEOUT: Final = 10.0
 START_FAILURES: Final = 3
 LOG_CHECK_EVERY: Final = 1.0  # seconds between two looks at the nodes' logs
 KEEP_RUNS: Final = 10
-
-
-class SupervisorError(DsatError):
-    """The satellite's processes could not be started, scaled or stopped."""
+LOG_BACKUPS: Final = 2  # rotated files kept per node log
 
 
 # ---------------------------------------------------------------------------
@@ -74,6 +72,7 @@ class Watch:
     stop_timeout: float
     log_file: str
     singleton: bool = False
+    log_max_size: int = 8 * 1024 * 1024
 
 
 class ProcessManager(Protocol):
@@ -97,8 +96,10 @@ class ProcessManager(Protocol):
 class CircusManager:
     """A circus arbiter in a child process, driven over its ipc control endpoint."""
 
-    def __init__(self, runtime_dir: str, run_dir: str, working_dir: str) -> None:
+    def __init__(self, runtime_dir: str, run_dir: str, working_dir: str, run_id: str = "") -> None:
         self.working_dir = working_dir
+        self.runtime_dir = runtime_dir
+        self.run_id = run_id
         self.endpoint = f"ipc://{os.path.join(runtime_dir, 'circus.ctl')}"
         self.pubsub = f"ipc://{os.path.join(runtime_dir, 'circus.pub')}"
         self.run_dir = run_dir
@@ -109,6 +110,7 @@ class CircusManager:
         config = {
             "endpoint": self.endpoint,
             "pubsub": self.pubsub,
+            "runtime_dir": self.runtime_dir,
             "watchers": [
                 {
                     "name": w.name,
@@ -122,11 +124,12 @@ class CircusManager:
                     # the pool down (the router fails that task after its retries instead)
                     "max_retry": -1,
                     "copy_env": True,
-                    "env": {"PYTHONUNBUFFERED": "1"},
+                    "env": {"PYTHONUNBUFFERED": "1", RUN_ENV: self.run_id},
                     # relative paths (in options, files a step writes) are the topology's
                     "working_dir": self.working_dir,
-                    "stdout_stream": {"class": "FileStream", "filename": w.log_file},
-                    "stderr_stream": {"class": "FileStream", "filename": w.log_file},
+                    # one NodeLog for both streams (made in arbiter_main)
+                    "log_file": w.log_file,
+                    "log_max_size": w.log_max_size,
                 }
                 for w in watches
             ],
@@ -141,8 +144,10 @@ class CircusManager:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            # SIGTERM when we die, even by SIGKILL: circus then stops every worker
-            preexec_fn=lambda: die_with_parent(parent, signal.SIGTERM),
+            # SIGKILL when we die, even by SIGKILL: every node dies with it at once (they
+            # die with the arbiter); what they held is in their journals. A graceful stop
+            # would let them live on for seconds beside the next run.
+            preexec_fn=lambda: die_with_parent(parent, signal.SIGKILL),
             start_new_session=True,  # Ctrl-C reaches us, and we decide the order of the stop
         )
         log_file.close()
@@ -228,6 +233,64 @@ class CircusManager:
             self._client = None
 
 
+class NodeLog:
+    """A node's log as circus writes it: its stdout and stderr in one file, rotated past
+    ``max_bytes`` (LOG_BACKUPS older files kept), so that a function that prints a lot
+    cannot fill the disk. Nothing it meets stops circus: a line it cannot write (a full
+    disk) is dropped and counted, and the count written once it can write again."""
+
+    def __init__(self, filename: str, max_bytes: int) -> None:
+        self.filename = filename
+        self.max_bytes = max_bytes
+        self.file: Any = None
+        self.size = 0
+        self.dropped = 0
+        self.why = ""
+
+    def __call__(self, data: dict[str, Any]) -> None:
+        text = data.get("data", b"")
+        if isinstance(text, str):
+            text = text.encode("utf-8", "replace")
+        try:
+            if self.file is None:
+                self.file = open(self.filename, "ab")  # noqa: SIM115
+                self.size = self.file.tell()
+            if self.dropped:
+                note = f"[dsat: {self.dropped} bytes of output dropped: {self.why}]\n".encode()
+                self._write(note)
+                self.dropped = 0
+            if self.size + len(text) > self.max_bytes and self.size:
+                self._rotate()
+            self._write(text)
+        except OSError as exc:
+            self.dropped += len(text)
+            self.why = str(exc)
+            self.close()
+
+    def _write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.file.flush()
+        self.size += len(data)
+
+    def _rotate(self) -> None:
+        self.close()
+        for index in range(LOG_BACKUPS, 0, -1):
+            older = f"{self.filename}.{index - 1}" if index > 1 else self.filename
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(older, f"{self.filename}.{index}")
+        self.file = open(self.filename, "ab")  # noqa: SIM115
+        self.size = 0
+
+    def open(self) -> None:
+        """(circus asks streams to open and close; the file opens when written to.)"""
+
+    def close(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+            self.file = None
+
+
 def arbiter_main(config_path: str) -> int:
     """The child process: a circus arbiter in its own main thread, no multicast."""
     from circus.arbiter import Arbiter
@@ -243,12 +306,16 @@ def arbiter_main(config_path: str) -> int:
     logging.getLogger("tornado.application").addFilter(BusyLockNoise())
     with open(config_path) as file:
         config = json.load(file)
+    join_run(config["runtime_dir"])  # the lock's fd stays open as long as we live
     os.environ[SUPERVISOR_ENV] = str(os.getpid())  # workers die with us
     watchers = []
     for spec in config["watchers"]:
         spec = dict(spec)
         spec["env"] = {**spec["env"], SUPERVISOR_ENV: str(os.getpid())}
         spec["stream_backend"] = "thread"
+        node_log = NodeLog(spec.pop("log_file"), spec.pop("log_max_size"))
+        spec["stdout_stream"] = {"stream": node_log}
+        spec["stderr_stream"] = {"stream": node_log}
         watchers.append(Watcher.load_from_config(spec))
     arbiter = Arbiter(
         watchers,
@@ -324,6 +391,7 @@ def watches_of(topology: Topology, satellite: str, run_dir: str) -> list[Watch]:
                 stop_timeout=stop_timeout,
                 log_file=os.path.join(run_dir, f"{node.name}.log"),
                 singleton=node.role is not Role.WORKER,
+                log_max_size=topology.satellites[satellite].log_max_size,
             )
         )
     return watches
@@ -375,28 +443,30 @@ class Satellite:
         self.topology = topology
         self.name = satellite
         self.runtime_dir = ensure_private_dir(topology.runtime_dir(satellite))
-        state_dir = topology.state_dir(satellite)
-        os.makedirs(state_dir, exist_ok=True)
-        self.run_dir = _new_run_dir(state_dir)
+        # a second dsat run of this satellite stops here, before it touches anything
+        self._lock = hold_satellite(self.runtime_dir, satellite, topology.path)
+        try:
+            for directory in (topology.state_dir(satellite), topology.log_dir(satellite)):
+                os.makedirs(directory, exist_ok=True)
+            self.run_dir = _new_run_dir(topology.log_dir(satellite))
+        except OSError as exc:
+            os.close(self._lock)
+            raise SupervisorError(
+                f"satellite {satellite}: cannot make the directory of its logs: {exc}"
+            ) from exc
+        self.run_id = secrets.token_hex(6)
         self.manager: ProcessManager = CircusManager(
-            self.runtime_dir, self.run_dir, topology.directory
+            self.runtime_dir, self.run_dir, topology.directory, self.run_id
         )
         self.stop_requested = 0
-        self._lock = self._take_lock()
 
-    def _take_lock(self) -> int:
-        path = os.path.join(self.runtime_dir, "satellite.lock")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    def wait_for_former_run(self) -> None:
+        """Wait (a few seconds at most) until no process of a former run is left."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise SupervisorError(
-                f"satellite {self.name} of {self.topology.path} is already running (lock {path})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
+            wait_for_former_run(self.runtime_dir)
+        except SupervisorError:
+            os.close(self._lock)
+            raise
 
     def start(self) -> None:
         if self.topology.networked and self.topology.satellites[self.name].insecure:
@@ -405,6 +475,7 @@ class Satellite:
                 "(insecure = true): anyone who reaches its tcp ports can submit and read",
                 self.name,
             )
+        self.wait_for_former_run()
         watches = watches_of(self.topology, self.name, self.run_dir)
         self.manager.start(watches)
 

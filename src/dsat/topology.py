@@ -97,7 +97,9 @@ class Satellite:
     host: str = "127.0.0.1"
     base_port: int = 7400
     runtime_dir: str = ""  # ipc sockets, circus control; created 0700
-    state_dir: str = ""  # logs, journals, the default SQLite store
+    state_dir: str = ""  # journals, the default SQLite store (and logs, unless log_dir)
+    log_dir: str = ""  # where each run's logs go; "" = the state_dir
+    log_max_size: int = 8 * 1024 * 1024  # bytes per log file before it rotates (2 kept)
     public_key: str = ""  # CURVE public key of this satellite: z85 text, or a key file
     secret_key_file: str = ""  # its secret key file (read only where it runs)
     insecure: bool = False  # tcp links without CURVE: only when said explicitly
@@ -232,6 +234,9 @@ class Topology:
 
     def state_dir(self, satellite: str) -> str:
         return self.satellites[satellite].state_dir
+
+    def log_dir(self, satellite: str) -> str:
+        return self.satellites[satellite].log_dir or self.state_dir(satellite)
 
     def store_url(self, satellite: str) -> str:
         """The store URL for a satellite, with ``{satellite}`` filled in."""
@@ -460,7 +465,9 @@ def load_topology(path: str | os.PathLike[str], *, check_imports: bool = True) -
     Raises:
         TopologyError: listing every problem found, each with file, place and reason.
     """
-    file = os.path.abspath(os.fspath(path))
+    # the real path: a symlink to a topology is the same topology (the same satellite,
+    # runtime directory, journals and lock), and relative paths are the real file's
+    file = os.path.realpath(os.fspath(path))
     try:
         text = Path(file).read_bytes()
     except OSError as exc:
@@ -520,6 +527,8 @@ _SATELLITE_FIELDS: Final = (
     "base_port",
     "runtime_dir",
     "state_dir",
+    "log_dir",
+    "log_max_size",
     "public_key",
     "secret_key_file",
     "insecure",
@@ -707,12 +716,17 @@ class _Loader:
             )
             state = self.get(table, "state_dir", str, where, "")
             state = os.path.normpath(os.path.join(directory, state or os.path.join(".dsat", name)))
+            logs = self.get(table, "log_dir", str, where, "")
             found[name] = Satellite(
                 name=name,
                 host=self.get(table, "host", str, where, "127.0.0.1"),
                 base_port=port,
                 runtime_dir=runtime,
                 state_dir=state,
+                log_dir=os.path.normpath(os.path.join(directory, logs)) if logs else state,
+                log_max_size=self.count(
+                    table, "log_max_size", where, Satellite.log_max_size, 64 * 1024, 2**40
+                ),
                 public_key=self.get(table, "public_key", str, where, ""),
                 secret_key_file=self.get(table, "secret_key_file", str, where, ""),
                 insecure=self.get(table, "insecure", bool, where, False),

@@ -89,6 +89,8 @@ CONFIRM_AT_ONCE: Final = 256
 # confirmed or published before it is written.
 WRITE_LINGER: Final = 0.01
 PRUNE_EVERY: Final = 600.0
+STORE_RETRY: Final = 0.5  # seconds between two tries of a write that failed
+STORE_LOG_EVERY: Final = 10.0
 LOAD_WINDOW: Final = 10.0  # seconds of load reports kept, for rates
 # an enum member looked up on its class costs about 0.2 µs (see dsat.fsm): the hot path
 _RETRY, _HAPPY_END, _FAILURE = Event.RETRY, Event.HAPPY_END, Event.FAILURE
@@ -105,9 +107,11 @@ class Tracker:
         context: Context,
         store: Store,
         guard: Guard | None = None,
+        run: str = "",
     ) -> None:
         self.topology = topology
         self.satellite = satellite
+        self.run_id = run  # this run of the satellite: its routers take confirmations of it only
         self.store = store
         self.guard = guard
         self.stopping = False
@@ -182,6 +186,8 @@ class Tracker:
         self.unpublished: list[list[bytes]] = []
         self.pending_since = 0.0
         self.last_malformed_log = 0.0
+        # the last write failed at (monotonic), the first of the failures since, logged at
+        self.write_failed = self.write_failed_since = self.write_failed_logged = 0.0
         self._rebuild()
         # Tasks back from the store that nothing has reported on since: they count as
         # live for the entry's admission only once an event shows they still move (a
@@ -263,10 +269,18 @@ class Tracker:
         # every answer says how many tasks are live here: the entry's admission control
         live = self.live_count()
         replies = [
-            [peer, *control("confirm", {"epoch": epoch, "upto": upto, "gap": gap, "live": live})]
+            [
+                peer,
+                *control(
+                    "confirm",
+                    {"epoch": epoch, "upto": upto, "gap": gap, "live": live, "run": self.run_id},
+                ),
+            ]
             for (peer, _), (epoch, upto, gap) in confirms.items()
         ]
-        replies.extend([peer, *control("tracked", {"live": live})] for peer in tracked)
+        replies.extend(
+            [peer, *control("tracked", {"live": live, "run": self.run_id})] for peer in tracked
+        )
         return replies, published
 
     def live_count(self) -> int:
@@ -704,25 +718,36 @@ class Tracker:
         A light cycle's write may wait for later ones (WRITE_LINGER), and what it
         confirms and publishes with it."""
         batch = self.pending
-        for socket in self.events:
-            if socket in ready:
-                confirms, live = self.read_events(socket, batch)
-                self.unwritten.extend((socket, frames) for frames in confirms)
-                self.unpublished.extend(live)
-        for relay in self.relays.values():
-            if relay.socket in ready:
-                relay.read(batch)
-        if self.closing:
-            self.end_overdue(batch)
+        if self.write_failed:
+            # the store cannot be written (a full disk): apply nothing more until it can;
+            # producers keep every event unconfirmed meanwhile, and send it again
+            if time.monotonic() - self.write_failed >= STORE_RETRY:
+                self.write_pending()
+            ready = {s: e for s, e in ready.items() if s not in self.events}
+        else:
+            for socket in self.events:
+                if socket in ready:
+                    confirms, live = self.read_events(socket, batch)
+                    self.unwritten.extend((socket, frames) for frames in confirms)
+                    self.unpublished.extend(live)
+            for relay in self.relays.values():
+                if relay.socket in ready:
+                    relay.read(batch)
+            if self.closing:
+                self.end_overdue(batch)
         if (batch or self.touched or self.unwritten) and not self.pending_since:
             self.pending_since = time.monotonic()
-        if self.pending_since and (
-            self.unpublished
-            or len(batch.events) >= CONFIRM_AT_ONCE
-            or batch.relay
-            or batch.relay_confirmed
-            or any(socket in ready for socket in self.query)
-            or time.monotonic() - self.pending_since >= WRITE_LINGER
+        if (
+            self.pending_since
+            and not self.write_failed
+            and (
+                self.unpublished
+                or len(batch.events) >= CONFIRM_AT_ONCE
+                or batch.relay
+                or batch.relay_confirmed
+                or any(socket in ready for socket in self.query)
+                or time.monotonic() - self.pending_since >= WRITE_LINGER
+            )
         ):
             self.write_pending()
         self.send_held()
@@ -746,10 +771,20 @@ class Tracker:
             return
         batch = self.pending
         if self.touched:
-            batch.tasks = {t: self._row(m) for t, m in self.touched.items()}
+            batch.tasks.update((t, self._row(m)) for t, m in self.touched.items())
             self.touched = {}
         if batch:
-            self.store.write(batch)
+            try:
+                self.store.write(batch)
+            except StoreError as exc:
+                self.cannot_write(exc)
+                return  # all of it stays pending: nothing is confirmed nor published
+        if self.write_failed:
+            log.warning(
+                "tracker: the store is written again after %.1fs; going on",
+                time.monotonic() - self.write_failed_since,
+            )
+            self.write_failed = self.write_failed_since = 0.0
         self.pending = Batch()
         self.pending_since = 0.0
         if self.unwritten and not self.held:
@@ -760,6 +795,22 @@ class Tracker:
         published, self.unpublished = self.unpublished, []
         for frames in published:
             self.publish(frames)
+
+    def cannot_write(self, exc: StoreError) -> None:
+        """A batch could not be written: keep it, say why (now and then), try again."""
+        now = time.monotonic()
+        if not self.write_failed:
+            self.write_failed_since = now
+            log.error("tracker: %s; holding back confirmations until it is written", exc)
+            self.write_failed_logged = now
+        elif now - self.write_failed_logged >= STORE_LOG_EVERY:
+            self.write_failed_logged = now
+            log.error(
+                "tracker: the store still cannot be written (%.0fs): %s",
+                now - self.write_failed_since,
+                exc,
+            )
+        self.write_failed = now
 
     def send_held(self, *, force: bool = False) -> None:
         """Send the held confirmations when the oldest waited CONFIRM_LINGER (or ``force``)."""
@@ -812,7 +863,11 @@ class Tracker:
         if now - self.last_prune < PRUNE_EVERY:
             return
         self.last_prune = now
-        pruned = self.store.prune(now - self.topology.store.retention)
+        try:
+            pruned = self.store.prune(now - self.topology.store.retention)
+        except StoreError as exc:
+            log.warning("tracker: %s (pruned at the next turn)", exc)
+            return
         if pruned:
             log.info("tracker: pruned %d task(s) that ended over the retention", pruned)
 

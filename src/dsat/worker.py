@@ -27,11 +27,15 @@ idempotent.
 from __future__ import annotations
 
 import _signal  # type: ignore[import-not-found]
+import collections
+import contextlib
 import inspect
 import logging
 import os
 import signal
+import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
@@ -48,7 +52,7 @@ from dsat.message import (
     loads,
     read_checked,
     recv_frames,
-    send_frames,
+    send_tracked,
 )
 from dsat.topology import Link, Step, Topology, get_connection, resolve_call
 
@@ -129,6 +133,8 @@ class Attempt:
     error: str = ""
     elapsed: float = 0.0
     targets: tuple[str, ...] = ()
+    traceback: str = ""  # where the function raised: file, line and function of each frame
+    final: bool = False  # an error no retry can mend: the task fails at once
 
 
 _armed = False  # True only while a step function runs: a late alarm must not fire outside
@@ -183,8 +189,15 @@ def run_attempt(
                 error=f"ran past its timeout of {timeout:g}s",
                 elapsed=time.monotonic() - started,
             )
-        except Exception as exc:  # the user's function failed: that is an ERROR event, not ours
-            return Attempt("ERROR", error=_describe(exc), elapsed=time.monotonic() - started)
+        except BaseException as exc:
+            # the user's function failed (sys.exit and KeyboardInterrupt included): that
+            # is this task's ERROR, not the worker's end
+            return Attempt(
+                "ERROR",
+                error=_describe(exc),
+                elapsed=time.monotonic() - started,
+                traceback=traceback_of(exc),
+            )
     finally:
         if not ours:  # None: a handler set outside Python, which cannot be put back
             signal.signal(signal.SIGALRM, signal.SIG_DFL if previous is None else previous)
@@ -205,7 +218,10 @@ def run_attempt(
                 targets.append(target)
         except Exception as exc:  # the user's condition failed: an ERROR of this try
             return Attempt(
-                "ERROR", error=f"condition for {target}: {_describe(exc)}", elapsed=elapsed
+                "ERROR",
+                error=f"condition for {target}: {_describe(exc)}",
+                elapsed=elapsed,
+                traceback=traceback_of(exc),
             )
     return Attempt("END", value=value, elapsed=elapsed, targets=tuple(targets))
 
@@ -213,6 +229,53 @@ def run_attempt(
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+_OWN_FILES: Final = os.path.dirname(os.path.abspath(__file__)) + os.sep
+MAX_TRACEBACK: Final = 16 * 1024  # characters of a traceback kept (its end: the raise)
+
+
+def traceback_of(exc: BaseException) -> str:
+    """The user's part of an exception's traceback (dsat's own frames before it left
+    out), as Python prints it: file, line and function of each frame."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    while frames and frames[0].filename.startswith(_OWN_FILES):
+        del frames[0]
+    text = "".join(
+        [
+            "Traceback (most recent call last):\n",
+            *traceback.format_list(frames),
+            *traceback.format_exception_only(type(exc), exc),
+        ]
+    )
+    return text if len(text) <= MAX_TRACEBACK else "...\n" + text[-MAX_TRACEBACK:]
+
+
+# Room a task message takes besides its payload (the version and a header), with margin.
+HEADER_ROOM: Final = 4096
+
+
+def encode_result(outcome: Attempt, topology: Topology, step_def: Step) -> tuple[Attempt, bytes]:
+    """A try's outcome with its value encoded; an END whose value cannot be encoded, or
+    does not fit in a message, becomes an ERROR no retry can mend (``final``)."""
+    if outcome.status != "END":
+        return outcome, b""
+    try:
+        data = dumps(
+            outcome.value, step_def.serialization, allow_pickle=topology.defaults.allow_pickle
+        )
+    except MessageError as exc:
+        return Attempt("ERROR", error=f"result: {exc}", elapsed=outcome.elapsed, final=True), b""
+    limit = topology.defaults.max_message_size - HEADER_ROOM
+    if len(data) > limit:
+        return Attempt(
+            "ERROR",
+            error=f"result: {len(data)} bytes encoded, over the limit of {limit} bytes a "
+            f"message can carry (max_message_size {topology.defaults.max_message_size})",
+            elapsed=outcome.elapsed,
+            final=True,
+        ), b""
+    return outcome, data
 
 
 def conditions_of(
@@ -239,7 +302,15 @@ def function_of(topology: Topology, step_def: Step) -> StepFunction:
 
 
 class Worker:
-    """One process of a pool: takes tasks from its queue router, runs them, answers."""
+    """One process of a pool: takes tasks from its queue router, runs them, answers.
+
+    It tells its router when a task starts: in the answer of the task before it
+    (``next``), or, when it was idle, with a ``start``; so the router records START
+    only for what really runs. Before it runs a function, what it sent has left the
+    process: a function that kills it (``os._exit``, a crash) cannot take the answer
+    of the task before along, and the router charges the death to that function's
+    task alone.
+    """
 
     def __init__(
         self,
@@ -250,63 +321,94 @@ class Worker:
         wid: str,
         context: zmq.Context[zmq.Socket[bytes]],
         capacity: int | None = None,
+        run: str = "",
     ) -> None:
         self.topology = topology
         self.step = topology.steps[step_name]
         self.satellite = satellite
         self.wid = wid
+        self.run_id = run
         self.capacity = capacity or topology.steps[step_name].prefetch
         self.func = function_of(topology, self.step)
         self.conditions = conditions_of(topology, step_name)
         self.stopping = False
+        self.inbox: collections.deque[tuple[TaskRef, bytes]] = collections.deque()
+        self.sent: zmq.MessageTracker | None = None  # the last message, until it left
+        self.running: TaskRef | None = None
         plan = get_connection(topology, step_name, satellite=satellite)
         self.socket = context.socket(zmq.DEALER)
         configure(
             self.socket, hwm=topology.defaults.hwm, max_size=topology.defaults.max_message_size
         )
+        self.socket.copy_threshold = 0  # every frame sent is tracked (see send_tracked)
         self.socket.setsockopt(zmq.ROUTING_ID, f"{wid}/{os.getpid()}".encode())
         for address in plan.socket("work").addresses:
             self.socket.connect(address)
 
     def stop(self) -> None:
-        """Finish the task at hand, then leave (the router hands back nothing else)."""
+        """Finish the task at hand, then leave; what it was given and did not start goes
+        back to the router untouched."""
         self.stopping = True
 
     def run(self) -> None:
         own_alarm()
+        os._exit = self._exit  # type: ignore[assignment]
         self._announce()
         last_heard = time.monotonic()
+        idle = True  # the router knows of no task this worker runs
         while not self.stopping:
-            if not self.socket.poll(int(HEARTBEAT * 1000)):
-                self._announce()
+            if not self.inbox:
+                if not self.socket.poll(int(HEARTBEAT * 1000)):
+                    self._announce()
+                    continue
+                self._receive()
+                last_heard = time.monotonic()
                 continue
-            frames = recv_frames(self.socket)
-            last_heard = time.monotonic()
-            self._run_bundle(frames)
+            ref, payload = self.inbox.popleft()
+            if idle:
+                self._send(self._control("start", {"key": _key(ref), "attempt": ref.attempt}))
+            self._answer(ref, payload)
+            idle = not self.inbox
             if time.monotonic() - last_heard > HEARTBEAT:
                 self._announce()
-        send_frames(self.socket, control("bye", {"pid": os.getpid(), "wid": self.wid}))
+                last_heard = time.monotonic()
+        self._send(self._control("bye", {"pid": os.getpid(), "wid": self.wid}))
 
-    def _run_bundle(self, frames: list[bytes]) -> None:
-        """Run the tasks of one message from the router, in order: one task message (three
-        frames) or several, all it gave this worker in one cycle. Each is answered as
-        soon as it ends: a result finished is never held back, lost if the process dies."""
-        if not frames or len(frames) % 3:
-            log.warning("ignored a malformed message from the router: %d frames", len(frames))
-            return
-        for start in range(0, len(frames), 3):
-            if self.stopping:
-                return  # asked to leave: the router takes back what was not started
+    def _receive(self) -> None:
+        """Take every message the router sent (one task message, or several in a row)."""
+        while True:
             try:
-                ref = read_checked(frames[start : start + 3])
-            except MessageError as exc:
-                log.warning("ignored a malformed message from the router: %s", exc)
+                frames = recv_frames(self.socket, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not frames or len(frames) % 3:
+                log.warning("ignored a malformed message from the router: %d frames", len(frames))
                 continue
-            self._answer(ref, frames[start + 2])
+            for start in range(0, len(frames), 3):
+                try:
+                    ref = read_checked(frames[start : start + 3])
+                except MessageError as exc:
+                    log.warning("ignored a malformed message from the router: %s", exc)
+                    continue
+                self.inbox.append((ref, frames[start + 2]))
+
+    def _control(self, kind: str, body: dict[str, Any], *extra: bytes) -> list[bytes]:
+        body["run"] = self.run_id
+        return control(kind, body, *extra)
+
+    def _send(self, frames: list[bytes]) -> None:
+        self.sent = send_tracked(self.socket, frames)
+
+    def _flushed(self) -> None:
+        """Wait until what was sent has left the process (at most a few seconds)."""
+        if self.sent is not None and not self.sent.done:
+            with contextlib.suppress(zmq.NotDone):
+                self.sent.wait(FLUSH_TIMEOUT)
+        self.sent = None
 
     def _announce(self) -> None:
         body = {"free": self.capacity, "pid": os.getpid(), "wid": self.wid}
-        send_frames(self.socket, control("credit", body))
+        self._send(self._control("credit", body))
 
     def _answer(self, ref: TaskRef, payload: bytes) -> None:
         task = Task(
@@ -318,30 +420,79 @@ class Worker:
             options=self.step.options,
             branch=ref.branch,
         )
-        result = b""
-        serialization = self.step.serialization
         try:
             value = loads(
                 payload, ref.serialization, allow_pickle=self.topology.defaults.allow_pickle
             )
         except MessageError as exc:
-            outcome = Attempt("ERROR", error=f"payload: {exc}")
+            outcome = Attempt("ERROR", error=f"payload: {exc}", final=True)
         else:
+            self._flushed()  # the function may kill this process: the answers before go first
+            self.running = ref
             outcome = run_attempt(self.func, value, task, self.step.timeout, self.conditions)
-        if outcome.status == "END":
-            try:
-                result = dumps(
-                    outcome.value, serialization, allow_pickle=self.topology.defaults.allow_pickle
-                )
-            except MessageError as exc:
-                outcome = Attempt("ERROR", error=f"result: {exc}", elapsed=outcome.elapsed)
-        body = {
-            "key": [ref.task_id, ref.branch, ref.seq],
-            "attempt": ref.attempt,
-            "status": outcome.status,
-            "targets": list(outcome.targets),
-            "error": outcome.error,
-            "elapsed": outcome.elapsed,
-            "serialization": serialization,
-        }
-        send_frames(self.socket, control("result", body, result))
+            self.running = None
+        outcome, result = encode_result(outcome, self.topology, self.step)
+        if outcome.status != "END":
+            log.warning(
+                "task %s try %d: %s: %s%s",
+                ref.task_id,
+                ref.attempt,
+                outcome.status,
+                outcome.error,
+                "\n" + outcome.traceback if outcome.traceback else "",
+            )
+        self._receive()  # what came meanwhile: the next task may start at once
+        following = self.inbox[0][0] if self.inbox and not self.stopping else None
+        if self.stopping and self.inbox:
+            self.inbox.clear()  # not started: the router takes them back at our bye
+        self._send(
+            self._control("result", _result_body(ref, outcome, self.step, following), result)
+        )
+
+    def _exit(self, code: int) -> None:
+        """``os._exit`` in this process: a function that calls it ends its task with an
+        ERROR that says so (where it was called from), then the process exits."""
+        ref = self.running
+        if ref is not None:
+            stack = "".join(traceback.format_stack(sys._getframe(1)))
+            outcome = Attempt(
+                "ERROR",
+                error=f"the function called os._exit({code}): its worker exited",
+                traceback="Stack (most recent call last):\n" + stack[-MAX_TRACEBACK:],
+            )
+            log.error(
+                "task %s try %d: %s\n%s", ref.task_id, ref.attempt, outcome.error, outcome.traceback
+            )
+            with contextlib.suppress(zmq.ZMQError):
+                self._send(self._control("result", _result_body(ref, outcome, self.step, None)))
+                self._flushed()
+        _real_exit(code)
+
+
+_real_exit: Final = os._exit
+FLUSH_TIMEOUT: Final = 5.0
+
+
+def _key(ref: TaskRef) -> list[Any]:
+    return [ref.task_id, ref.branch, ref.seq]
+
+
+def _result_body(
+    ref: TaskRef, outcome: Attempt, step_def: Step, following: TaskRef | None
+) -> dict[str, Any]:
+    """What a worker answers for one try (``next``: the task it starts now, if any)."""
+    body: dict[str, Any] = {
+        "key": _key(ref),
+        "attempt": ref.attempt,
+        "status": outcome.status,
+        "targets": list(outcome.targets),
+        "error": outcome.error,
+        "elapsed": outcome.elapsed,
+        "serialization": step_def.serialization,
+        "next": _key(following) if following is not None else None,
+    }
+    if outcome.traceback:
+        body["traceback"] = outcome.traceback
+    if outcome.final:
+        body["final"] = True
+    return body

@@ -42,7 +42,7 @@ def worker_socket(tmp_path: Path, ipc_dir: Path) -> Iterator[zmq.Socket[bytes]]:
 
 def answer(work: zmq.Socket[bytes]) -> tuple[bytes, str, Any, tuple[bytes, ...]]:
     identity, *frames = recv_frames(work)
-    message = decode_control(frames, frozenset({"credit", "result", "bye"}))
+    message = decode_control(frames, frozenset({"credit", "start", "result", "bye"}))
     return identity, message.kind, message.body, message.extra
 
 
@@ -59,11 +59,20 @@ def test_a_worker_runs_every_task_of_a_bundle_in_order_and_answers_each(
         bundle += task(n, value)
     work.send_multipart(bundle)
     results = []
+    starts = []
+    nexts = []
     while len(results) < len(values):
         _, kind, body, extra = answer(work)
         if kind == "result":
             results.append((body["key"][0], body["status"], extra))
+            nexts.append(body["next"][0] if body["next"] else None)
+        elif kind == "start":
+            starts.append(body["key"][0])
     assert [r[0] for r in results] == [f"task{n:04d}" for n in range(len(values))]
+    # it says when it starts a task: the first on its own (it was idle), each next one
+    # in the answer of the one before, so its router records START only for what runs
+    assert starts == ["task0000"]
+    assert nexts == ["task0001", "task0002", "task0003", None]
     assert [r[1] for r in results] == ["END", "END", "ERROR", "END"]
     assert [msgpack.unpackb(r[2][0]) for r in results if r[1] == "END"] == [2, 4, 8]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import operator
 import os
@@ -484,32 +485,52 @@ class _Checkpointer(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        try:
-            db = sqlite3.connect(self.path, isolation_level=None, timeout=1)
-        except sqlite3.Error as exc:
-            log.warning("store %s: no background checkpoints: %s", self.path, exc)
-            return
-        try:
-            db.execute("PRAGMA synchronous=NORMAL")  # the WAL synced once per checkpoint
-            seen: tuple[int, int] | None = None
-            while not self.stopping.wait(CHECKPOINT_EVERY):
-                try:
-                    stat = os.stat(self.wal)
-                except FileNotFoundError:
-                    continue
-                mark = (stat.st_size, stat.st_mtime_ns)
-                if mark == seen:
-                    continue  # nothing written since the last checkpoint
-                seen = mark
+        db: sqlite3.Connection | None = None
+        seen: tuple[int, int] | None = None
+        failing = ""  # the error of the last try, logged once until it changes
+        while not self.stopping.wait(CHECKPOINT_EVERY):
+            try:
+                stat = os.stat(self.wal)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                failing = _once(self.path, failing, f"cannot look at the WAL: {exc}")
+                continue
+            mark = (stat.st_size, stat.st_mtime_ns)
+            if mark == seen:
+                continue  # nothing written since the last checkpoint
+            try:
+                if db is None:
+                    db = sqlite3.connect(self.path, isolation_level=None, timeout=1)
+                    db.execute("PRAGMA synchronous=NORMAL")  # the WAL synced per checkpoint
                 db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except (sqlite3.Error, OSError) as exc:
-            log.warning("store %s: background checkpoints stopped: %s", self.path, exc)
-        finally:
-            db.close()
+            except sqlite3.Error as exc:
+                # a full disk, a lock held long: try again at the next turn, on a new
+                # connection (the writer's own checkpoints cover for us meanwhile)
+                failing = _once(self.path, failing, f"background checkpoint failed: {exc}")
+                if db is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.close()
+                    db = None
+                continue
+            seen = mark
+            if failing:
+                log.warning("store %s: background checkpoints work again", self.path)
+                failing = ""
+        if db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                db.close()
 
     def stop(self) -> None:
         self.stopping.set()
         self.join(timeout=10)
+
+
+def _once(path: str, last: str, error: str) -> str:
+    """Log an error of the checkpoint thread when it is not the one logged last."""
+    if error != last:
+        log.warning("store %s: %s", path, error)
+    return error
 
 
 def _task_params(t: TaskRow) -> tuple[Any, ...]:
