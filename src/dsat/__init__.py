@@ -7,11 +7,9 @@ machine reported to a tracker and kept in a status store.
 
 from dsat.client import (
     Client,
-    EventInfo,
+    PayloadTooLargeError,
     SaturatedError,
-    State,
     SubmitError,
-    TaskFailedError,
     UnreachableError,
     WaitTimeoutError,
     connect,
@@ -19,6 +17,7 @@ from dsat.client import (
 from dsat.errors import DsatError, MessageError, Problem, TopologyError, VersionError
 from dsat.fsm import Event
 from dsat.message import Envelope, Vector, parse_event, send_vector
+from dsat.state import BranchState, EventInfo, ResultNotKeptError, State, TaskFailedError
 from dsat.store import StoreError
 from dsat.topology import Topology, get_connection, load_topology
 from dsat.version import Version, compatible
@@ -27,13 +26,16 @@ from dsat.worker import Task, state_wrapper, step
 __version__ = "0.1.0"
 
 __all__ = [
+    "BranchState",
     "Client",
     "DsatError",
     "Envelope",
     "Event",
     "EventInfo",
     "MessageError",
+    "PayloadTooLargeError",
     "Problem",
+    "ResultNotKeptError",
     "SaturatedError",
     "State",
     "StoreError",

@@ -99,10 +99,19 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
+    from dsat.state import ResultNotKeptError
+
     with _client(args) as client:
         state = client.state(args.task)
+    try:
+        result, not_kept = state.result, ""
+    except ResultNotKeptError as exc:
+        result, not_kept = None, str(exc)
     if args.json:
-        print(json.dumps(_state_json(state), indent=2, default=repr))
+        data = _state_json(state)
+        if not_kept:
+            data["result_not_kept"] = not_kept
+        print(json.dumps(data, indent=2, default=repr))
         return 0
     print(f"task     {state.task_id}  (job {state.job_id})")
     print(
@@ -112,13 +121,28 @@ def _status(args: argparse.Namespace) -> int:
     print(f"step     {state.step}  attempt {state.attempt}")
     if state.error:
         print(f"error    {state.error}")
+    if state.traceback:
+        print("traceback")
+        for line in state.traceback.rstrip("\n").splitlines():
+            print(f"  {line}")
     print(f"created  {_time(state.created)}   updated {_time(state.updated)}")
     if state.anomalies or state.duplicates:
         print(f"flags    {state.anomalies} anomalies, {state.duplicates} duplicates")
-    if state.results:
-        print(f"result   {json.dumps(state.result, default=repr)}")
+    if not_kept:
+        print(f"result   not kept: {not_kept}")
+    elif state.results:
+        print(f"result   {json.dumps(result, default=repr)}")
+    if len(state.branches) > 1:
+        ended = sum(1 for b in state.branches if b.over)
+        print(f"branches {len(state.branches)}, {ended} ended")
+        for branch in state.branches:
+            error = f"  {branch.error}" if branch.error else ""
+            print(
+                f"  branch {branch.branch:<20} {branch.state or '-':10} {branch.step or '-':12} "
+                f"try {branch.attempt}{error}"
+            )
     print("history (in the order things happened; # is the order the tracker got them)")
-    for event in state.timeline():
+    for event in state.history:
         print("  " + _event_line(event))
     return 0
 
@@ -143,7 +167,8 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
-    args.topology = args.topology_file
+    if args.topology_file:  # the file given first, as before -t existed
+        args.topology = args.topology_file
     with _client(args) as client:
         deadline = time.monotonic() + args.duration if args.duration else None
         while True:
@@ -243,9 +268,17 @@ def _tasks(args: argparse.Namespace) -> int:
 
 
 def _retry(args: argparse.Namespace) -> int:
+    filters = args.job is not None or args.step is not None or args.state is not None
+    if not args.tasks and not filters:
+        raise DsatError(
+            "retry: give task ids, or --state FAILURE, --job or --step to send again every "
+            "dead letter that matches"
+        )
     with _client(args) as client:
-        client.retry(args.task)
-    print(f"{args.task}: sent again")
+        sent = client.retry_many(args.tasks, job_id=args.job, step=args.step, limit=args.limit)
+    for task_id in sent:
+        print(f"{task_id}: sent again")
+    print(f"{len(sent)} task{'s' if len(sent) != 1 else ''} sent again")
     return 0
 
 
@@ -263,14 +296,16 @@ def _event_line(event: Any) -> str:
     stamp = _time(event.at, precise=True)[11:]
     return (
         f"#{event.tseq:<4} {stamp} {event.event:10} {where:12} {event.where or '-':8} "
-        f"try {event.attempt} seq {event.seq} {event.wid}{error}{flag}"
+        f"branch {event.branch} try {event.attempt} seq {event.seq} {event.wid}{error}{flag}"
     )
 
 
 def _state_json(state: Any) -> dict[str, Any]:
     data = dict(state.__dict__)
+    data["over"] = state.over
     data["history"] = [dict(e.__dict__) for e in state.history]
     data["results"] = dict(state.results)
+    data["branches"] = [{**b.__dict__, "over": b.over} for b in state.branches]
     return data
 
 
@@ -384,7 +419,9 @@ def build_parser() -> argparse.ArgumentParser:
         "status",
         "print a task's state and history",
         "Print a task's State: its state (UNKNOWN when its fate is not known), step, attempts, "
-        "error, result and every event of its history.",
+        "error and its traceback, result, each branch of a fanned-out task, and every event "
+        "of its history in the order things happened. A task is over only when every branch "
+        "has ended.",
     )
     status.add_argument("task", help="the task id")
     status.add_argument("--json", action="store_true", help="print JSON")
@@ -411,17 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     watch.set_defaults(handler=_watch)
 
-    top = commands.add_parser(
+    top = client_command(
         "top",
-        help="the live load of every pool, refreshed every second",
-        description="Show each pool's workers (min/now/max), busy and idle workers, queue "
+        "the live load of every pool, refreshed every second",
+        "Show each pool's workers (min/now/max), busy and idle workers, queue "
         "length, tasks done and errors per second, mean and p95 task time, and its last "
         "autoscaling decision; then the other nodes; refreshed every second until Ctrl-C.",
     )
-    top.add_argument("topology_file", metavar="topology", help="the topology file")
-    top.add_argument("--satellite", help="which satellite (default: the first one)")
     top.add_argument(
-        "--timeout", type=float, default=10.0, help="seconds to wait for the satellite"
+        "topology_file",
+        nargs="?",
+        metavar="topology",
+        help="the topology file, as -t gives it (for scripts that give it first)",
     )
     top.add_argument("--once", action="store_true", help="print the table once and exit")
     top.add_argument(
@@ -448,10 +486,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     retry = client_command(
         "retry",
-        "send a failed task (a dead letter) again",
-        "Send a task that ended in FAILURE again, with its payload, from the step where it failed.",
+        "send failed tasks (dead letters) again: by id, or every one of a job or step",
+        "Send tasks that ended in FAILURE again, each with its payload, from the step where it "
+        "failed: the tasks named, or every dead letter that matches --job and --step (both "
+        "when both are given; --state FAILURE alone: every dead letter). Prints each task "
+        "sent again, then how many. A task named that is not a dead letter is an error, and "
+        "then nothing is sent.",
     )
-    retry.add_argument("task", help="the task id")
+    retry.add_argument("tasks", nargs="*", metavar="task", help="task ids")
+    retry.add_argument("--job", help="every dead letter of this job_id")
+    retry.add_argument("--step", help="every dead letter that failed at this step")
+    retry.add_argument(
+        "--state",
+        choices=["FAILURE"],
+        help="every dead letter (the only state that can be sent again)",
+    )
+    retry.add_argument("--limit", type=int, help="at most this many (default: every one)")
     retry.set_defaults(handler=_retry)
 
     keys = commands.add_parser(

@@ -6,8 +6,9 @@
     task_id = client.submit("cpu", {"host": "a"})
     for event in client.status_for(task_id):     # live, ends with the task
         print(event.event, event.step)
-    client.state(task_id)                         # a State
-    client.wait(task_id, timeout=10)              # the terminus' result
+    client.state(task_id)                         # a State: its branches, history...
+    client.wait(task_id, timeout=10)              # the result, once every branch ended
+    client.retry_many(job_id="batch-1")           # its dead letters, sent again
 
 A client is not thread-safe: give each thread its own (they are cheap).
 """
@@ -19,7 +20,7 @@ import itertools
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 from typing import Any, Final
 
 import msgpack
@@ -27,7 +28,7 @@ import zmq
 
 from dsat import curve
 from dsat.errors import DsatError, MessageError
-from dsat.fsm import RANK, Event
+from dsat.fsm import ROOT
 from dsat.message import (
     DEFAULT_MAX_SIZE,
     END_TOPIC,
@@ -41,109 +42,65 @@ from dsat.message import (
     send_frames,
 )
 from dsat.metrics import NodeLoad
+from dsat.state import (
+    EventInfo,
+    State,
+    TaskFailedError,
+    TaskSummary,
+    event_from_row,
+    state_from_reply,
+    summary_from_row,
+)
 from dsat.topology import ORCHESTER, TRACKER, Topology, get_connection, load_topology
 
-TERMINAL_STATES: Final = frozenset({"HAPPY_END", "FAILURE"})
-SUBMIT_CHUNK: Final = 1000
+SUBMIT_CHUNK: Final = 1000  # payloads in one submit message at most
+# bytes of a message besides its payloads: the protocol frame, a task's header (ids,
+# step names, timestamps) or a submit's body; a payload must leave this much room
+HEADER_ROOM: Final = 4096
 KNOWN_WITHIN: Final = 2.0  # seconds a task just submitted may take to appear in the tracker
+_PAGE: Final = 1000  # dead letters listed per query
 
 
 class SubmitError(DsatError):
-    """A submission was refused: the step is unknown, the payload bad, or the pool saturated."""
+    """A submission was refused: the step is unknown or not an entry, the payload bad, the
+    pool saturated."""
 
 
 class SaturatedError(SubmitError):
     """The pool stayed saturated (it pushed back) for longer than the submit timeout."""
 
 
+class PayloadTooLargeError(SubmitError):
+    """A payload is too large to travel in a task message; nothing of the submit was sent."""
+
+    def __init__(self, step: str, index: int, size: int, limit: int) -> None:
+        super().__init__(
+            f"submit to {step}: payload #{index} is {size} bytes encoded, over the limit of "
+            f"{limit} bytes (max_message_size less {HEADER_ROOM} for the task's header); "
+            "send where the data is (a path, a URL) instead, or raise [defaults] "
+            "max_message_size"
+        )
+        self.step = step
+        self.index = index  # its place among the payloads given
+        self.size = size
+        self.limit = limit
+
+
 class UnreachableError(DsatError):
     """The satellite did not answer in time: is ``dsat run`` running?"""
-
-
-class TaskFailedError(DsatError):
-    """The task ended in FAILURE; ``state`` says where and why."""
-
-    def __init__(self, state: State) -> None:
-        super().__init__(
-            f"task {state.task_id} failed at step {state.step} after {state.attempt} "
-            f"attempt(s): {state.error or 'no error message'}"
-        )
-        self.state = state
 
 
 class WaitTimeoutError(DsatError, TimeoutError):
     """The task did not end within the time given."""
 
 
-@dataclass(frozen=True)
-class EventInfo:
-    """One event of a task, as the tracker stored and published it."""
-
-    task_id: str
-    tseq: int  # its number in the task's log
-    event: str
-    step: str
-    branch: int
-    seq: int
-    attempt: int
-    where: str
-    wid: str
-    pid: int
-    at: float
-    detail: Mapping[str, Any] = field(default_factory=dict)
-    flag: str = ""  # "" | "duplicate" | "anomaly: ..."
-    state: str = ""  # the task's state after it (live events only)
-    over: bool = False  # did it end the task
-
-
-_EVENT_FIELDS: Final = {f.name for f in fields(EventInfo)}
-
-
-def _event(raw: Mapping[str, Any]) -> EventInfo:
-    values = {k: v for k, v in raw.items() if k in _EVENT_FIELDS}
-    return EventInfo(**values)
-
-
-@dataclass(frozen=True)
-class State:
-    """The static view of one task: where it is, how it went, its whole history."""
-
-    task_id: str
-    job_id: str
-    state: str  # an event name, or UNKNOWN when its fate is not known
-    step: str
-    attempt: int
-    error: str
-    created: float
-    updated: float
-    ended: float | None
-    anomalies: int = 0
-    duplicates: int = 0
-    last_known: str = ""  # what it last said, when state is UNKNOWN
-    history: tuple[EventInfo, ...] = ()
-    results: Mapping[str, Any] = field(default_factory=dict)  # terminus step -> value
-
-    @property
-    def over(self) -> bool:
-        return self.state in TERMINAL_STATES
-
-    def timeline(self) -> list[EventInfo]:
-        """The history in the order things happened (the log is in the order events arrived)."""
-        return sorted(
-            self.history,
-            key=lambda e: (e.seq, e.attempt, RANK.get(Event(e.event), 9), e.branch, e.tseq),
-        )
-
-    @property
-    def result(self) -> Any:
-        """The terminus' result; a {step: result} mapping when several branches ended."""
-        return _result(self.results)
-
-
-def _result(results: Mapping[str, Any]) -> Any:
-    if len(results) == 1:
-        return next(iter(results.values()))
-    return dict(results) if results else None
+def _only_result(raw: list[Any], *, allow_pickle: bool) -> tuple[bool, Any]:
+    """(True, value) when the results are those of a task that did not fan out: one
+    result, of the root branch; else (False, None)."""
+    if len(raw) != 1 or raw[0]["branch"] != ROOT:
+        return False, None
+    result = raw[0]
+    return True, loads(result["data"], result["serialization"], allow_pickle=allow_pickle)
 
 
 def _ended_as(raw: Mapping[str, Any] | None, last: int) -> str:
@@ -153,73 +110,6 @@ def _ended_as(raw: Mapping[str, Any] | None, last: int) -> str:
     task = raw["task"]
     ended = task["ended"] is not None and task["events"] <= last
     return str(task["state"]) if ended else ""
-
-
-def _results(raw: Iterable[Mapping[str, Any]], *, allow_pickle: bool) -> dict[str, Any]:
-    """Stored results (one per branch that ended) as {terminus step: value}."""
-    results: dict[str, Any] = {}
-    for result in raw:
-        value = loads(result["data"], result["serialization"], allow_pickle=allow_pickle)
-        if result["step"] in results:  # two branches ended at the same step
-            previous = results[result["step"]]
-            results[result["step"]] = (
-                [*previous, value] if isinstance(previous, list) else [previous, value]
-            )
-        else:
-            results[result["step"]] = value
-    return results
-
-
-def _state(raw: Mapping[str, Any], *, allow_pickle: bool) -> State:
-    task = raw["task"]
-    history = tuple(_event(e) for e in raw["events"])
-    results = _results(raw.get("results", []), allow_pickle=allow_pickle)
-    unknown = bool(task.get("unknown"))
-    return State(
-        task_id=task["task_id"],
-        job_id=task["job_id"],
-        state="UNKNOWN" if unknown else task["state"],
-        step=task["step"],
-        attempt=task["attempt"],
-        error=task["error"],
-        created=task["created"],
-        updated=task["updated"],
-        ended=task["ended"],
-        anomalies=task["anomalies"],
-        duplicates=task["duplicates"],
-        last_known=task["state"] if unknown else "",
-        history=history,
-        results=results,
-    )
-
-
-@dataclass(frozen=True)
-class TaskSummary:
-    """One line of ``Client.tasks()``."""
-
-    task_id: str
-    job_id: str
-    state: str
-    step: str
-    attempt: int
-    error: str
-    created: float
-    updated: float
-    ended: float | None
-
-
-def _summary(raw: Mapping[str, Any]) -> TaskSummary:
-    return TaskSummary(
-        task_id=raw["task_id"],
-        job_id=raw["job_id"],
-        state="UNKNOWN" if raw.get("unknown") else raw["state"],
-        step=raw["step"],
-        attempt=raw["attempt"],
-        error=raw["error"],
-        created=raw["created"],
-        updated=raw["updated"],
-        ended=raw["ended"],
-    )
 
 
 class Client:
@@ -242,6 +132,8 @@ class Client:
         self.satellite = satellite
         self.timeout = timeout
         self.allow_pickle = bool(topology and topology.defaults.allow_pickle)
+        # what the satellite's sockets take: a bigger message is dropped without a word
+        self.max_message_size = topology.defaults.max_message_size if topology else DEFAULT_MAX_SIZE
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._refs = itertools.count(1)
         self._addresses = (orchester, tracker_query, tracker_pub)
@@ -252,7 +144,7 @@ class Client:
     def _dealer(self, address: str, kind: int = zmq.DEALER) -> zmq.Socket[bytes]:
         socket = self._context.socket(kind)
         hwm = 10_000 if kind == zmq.DEALER else 100_000
-        configure(socket, hwm=hwm, max_size=DEFAULT_MAX_SIZE)
+        configure(socket, hwm=hwm, max_size=self.max_message_size)
         if address.startswith("tcp://") and self._curve is not None:
             public, secret, server = self._curve
             socket.curve_publickey = public
@@ -335,7 +227,9 @@ class Client:
 
         Raises:
             SaturatedError: the step pushed back for longer than ``timeout``.
-            SubmitError: the step is unknown or the payload cannot be sent.
+            PayloadTooLargeError: the encoded payload is over the satellite's
+                max_message_size (less HEADER_ROOM); nothing was sent.
+            SubmitError: the step is unknown or not an entry, or the payload cannot be sent.
         """
         return self.submit_many(
             step, [payload], job_id=job_id, serialization=serialization, timeout=timeout
@@ -350,11 +244,19 @@ class Client:
         serialization: str = "msgpack",
         timeout: float | None = None,
     ) -> list[str]:
-        """Submit many tasks to a step, in chunks; return their task_ids in order."""
+        """Submit many tasks to a step, in chunks; return their task_ids in order.
+
+        Raises:
+            PayloadTooLargeError: a payload is over the limit (before anything is sent).
+            SaturatedError, SubmitError: as :meth:`submit`.
+        """
         encoded = [dumps(p, serialization, allow_pickle=self.allow_pickle) for p in payloads]
+        limit = self.max_message_size - HEADER_ROOM
+        for index, data in enumerate(encoded):
+            if len(data) > limit:
+                raise PayloadTooLargeError(step, index, len(data), limit)
         task_ids: list[str] = []
-        for start in range(0, len(encoded), SUBMIT_CHUNK):
-            chunk = encoded[start : start + SUBMIT_CHUNK]
+        for chunk in submit_chunks(encoded, SUBMIT_CHUNK, limit):
             task_ids.extend(self._submit_chunk(step, chunk, job_id, serialization, timeout))
         return task_ids
 
@@ -397,6 +299,61 @@ class Client:
         letter = self._query_op("dead_letter", task_id=task_id)
         if letter is None:
             raise SubmitError(f"task {task_id} is not a dead letter (it did not fail, or is gone)")
+        self._resend(letter)
+        return task_id
+
+    def retry_many(
+        self,
+        task_ids: Iterable[str] = (),
+        *,
+        job_id: str | None = None,
+        step: str | None = None,
+        limit: int | None = None,
+    ) -> list[str]:
+        """Send dead letters again: those named, or every one of ``job_id`` and ``step``
+        (both filters when both are given), at most ``limit``; return the task ids sent.
+
+        Named tasks and filters combine: the named tasks that match the filters.
+
+        Raises:
+            SubmitError: a named task is not a dead letter (then none is sent), or the
+                orchester refused one.
+        """
+        named = list(dict.fromkeys(task_ids))
+        letters: list[Mapping[str, Any]] = []
+        for task_id in named:
+            letter = self._query_op("dead_letter", task_id=task_id)
+            if letter is None:
+                raise SubmitError(
+                    f"task {task_id} is not a dead letter (it did not fail, or is gone)"
+                )
+            if (job_id is None or letter["job_id"] == job_id) and (
+                step is None or letter["step"] == step
+            ):
+                letters.append(letter)
+        sent: list[str] = []
+        for letter in letters[:limit]:
+            self._resend(letter)
+            sent.append(letter["task_id"])
+        if named:
+            return sent
+        after = ""
+        while limit is None or len(sent) < limit:
+            page = min(_PAGE, limit - len(sent)) if limit is not None else _PAGE
+            found = self._query_op(
+                "dead_letters", job_id=job_id, step=step, after=after, limit=page
+            )
+            for task_id in found:
+                letter = self._query_op("dead_letter", task_id=task_id)
+                if letter is not None:  # None: sent again by someone else meanwhile
+                    self._resend(letter)
+                    sent.append(task_id)
+            if len(found) < page:
+                break
+            after = found[-1]
+        return sent
+
+    def _resend(self, letter: Mapping[str, Any]) -> None:
         body = {
             k: letter[k]
             for k in (
@@ -418,8 +375,7 @@ class Client:
             replies=frozenset({"accepted", "refused"}),
         )
         if reply.kind != "accepted":
-            raise SubmitError(f"retry {task_id}: {reply.body.get('reason')}")
-        return task_id
+            raise SubmitError(f"retry {letter['task_id']}: {reply.body.get('reason')}")
 
     # -- the static view
 
@@ -430,7 +386,7 @@ class Client:
             DsatError: no such task.
         """
         raw = self._known(task_id)
-        return _state(raw, allow_pickle=self.allow_pickle)
+        return state_from_reply(raw, allow_pickle=self.allow_pickle)
 
     def _known(self, task_id: str, patience: float = KNOWN_WITHIN) -> dict[str, Any]:
         """The tracker's view of a task; a task just submitted may need a moment to appear."""
@@ -458,7 +414,7 @@ class Client:
         rows = self._query_op(
             "tasks", job_id=job_id, step=step, state=state, stuck=stuck, limit=limit
         )
-        return [_summary(row) for row in rows]
+        return [summary_from_row(row) for row in rows]
 
     def load(self) -> dict[str, NodeLoad]:
         """The live load of every node ("SATELLITE/NODE"): queued, busy, idle, done/s..."""
@@ -545,7 +501,9 @@ class Client:
                     raise DsatError(f"no task {task_id} on satellite {self.satellite or '?'}")
                 # What the store has (at first, and whenever the stream is quiet: the
                 # subscription takes a moment to start, and PUB drops under load).
-                stored = [_event(e) for e in raw["events"] if e["tseq"] > last] if raw else []
+                stored = (
+                    [event_from_row(e) for e in raw["events"] if e["tseq"] > last] if raw else []
+                )
                 ended = _ended_as(raw, stored[-1].tseq if stored else last)
                 if ended and stored:  # the store's last event is the one that ended it
                     stored[-1] = replace(stored[-1], over=True, state=ended)
@@ -591,7 +549,7 @@ class Client:
                 sub.setsockopt(zmq.UNSUBSCRIBE, topic)
 
     def _stored_events(self, task_id: str, after: int) -> list[EventInfo]:
-        return [_event(e) for e in self._query_op("events", task_id=task_id, after=after)]
+        return [event_from_row(e) for e in self._query_op("events", task_id=task_id, after=after)]
 
     def _read_live(self, sub: zmq.Socket[bytes]) -> tuple[EventInfo, list[Any] | None] | None:
         """A live event, and the task's results if it ended the task (None: not sent)."""
@@ -602,23 +560,31 @@ class Client:
             check_protocol(frames[1])
             raw = msgpack.unpackb(frames[2], raw=False)
             results = raw.get("results")
-            return _event(raw), results if type(results) is list else None
+            return event_from_row(raw), results if type(results) is list else None
         except (MessageError, ValueError, TypeError, AttributeError, msgpack.UnpackException):
             return None
 
     def wait(self, task_id: str, timeout: float = 10.0) -> Any:
-        """Wait for the task to end; return the terminus' result.
+        """Wait for the task to end (every branch); return its result.
+
+        A task that did not fan out: the terminus' result. A fanned-out task: a dict
+        {terminus step: result}, whose value is a list of the results, in branch
+        order, at a step where several branches ended. (``State.result``, the same.)
 
         Raises:
-            TaskFailedError: it ended in FAILURE.
+            TaskFailedError: it ended in FAILURE (a branch failed).
+            ResultNotKeptError: it ended well, but a result was over max_result_size.
             WaitTimeoutError: it did not end within ``timeout`` seconds.
         """
         for event, results in self._follow(task_id, timeout, ends_only=True):
             if event.over:
                 if event.state == "HAPPY_END" and results is not None:
-                    # it ended live, and the end brought the results: no query needed
+                    # it ended, and the end brought the results: when they are those of
+                    # a task that did not fan out, no other query is needed
                     with contextlib.suppress(KeyError, TypeError):
-                        return _result(_results(results, allow_pickle=self.allow_pickle))
+                        alone, value = _only_result(results, allow_pickle=self.allow_pickle)
+                        if alone:
+                            return value
                 break
         state = self.state(task_id)
         if not state.over:
@@ -630,6 +596,21 @@ class Client:
         if state.state == "FAILURE":
             raise TaskFailedError(state)
         return state.result
+
+
+def submit_chunks(encoded: list[bytes], most: int, size: int) -> Iterator[list[bytes]]:
+    """The payloads in order, in chunks of at most ``most`` payloads and ``size`` bytes
+    (a payload larger than ``size`` alone in its chunk)."""
+    chunk: list[bytes] = []
+    total = 0
+    for data in encoded:
+        if chunk and (len(chunk) >= most or total + len(data) > size):
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(data)
+        total += len(data)
+    if chunk:
+        yield chunk
 
 
 def connect(

@@ -145,6 +145,7 @@ class Head:
     event: Event
     step: str
     attempt: int
+    deadline: float = 0.0
 
 
 class TaskMachine:
@@ -164,6 +165,13 @@ class TaskMachine:
       (:meth:`force_end`) and flags what is missing;
     - an event already seen (same branch, seq, attempt and rank) is a duplicate:
       it is logged but changes nothing.
+
+    The task's ``state``, ``step`` and ``attempt`` are those of its latest event,
+    except that a branch's end is not the task's while another branch lives: the
+    task then shows its most advanced live branch. Once over, a FAILURE shows the
+    branch that failed (its step, try and error); a HAPPY_END has no error.
+    ``error`` is the current error: the latest ERROR's while the task is tried
+    again, the FAILURE's; a RETRY clears it.
     """
 
     __slots__ = (
@@ -216,7 +224,7 @@ class TaskMachine:
         self.forced = False  # ended by force_end: stays ended
         # A machine lives in the tracker as long as its task (and a while after): the
         # history is one dict, and what only fan-outs and failures need is made then.
-        self.failed: set[int] | None = None  # branches that failed
+        self.failed: dict[int, str] | None = None  # branches that failed -> their error
         self.heads: dict[int, Head] = {}
         # every event seen once: its packed place (_place_key), and at the same index
         # tseq << 4 | the event's index; places too large to pack in a dict
@@ -342,8 +350,30 @@ class TaskMachine:
         return self.problems()
 
     def _settle(self) -> None:
-        self.state = _FAILURE if self.failed else _HAPPY_END
+        """The state of a task over: the first branch that failed, or a HAPPY_END."""
+        failed = self.failed
+        if failed:
+            branch, error = next(iter(failed.items()))
+            self.state = _FAILURE
+            head = self.heads.get(branch)
+            if head is not None:
+                self.step, self.attempt = head.step, head.attempt
+            self.error = error or self.error
+        else:
+            self.state = _HAPPY_END
+            self.error = ""  # the errors of tries that came before are in the history
         self.deadline = 0.0
+
+    def _live_head(self) -> Head | None:
+        """The most advanced head of a branch that has not ended (nor forked into others)."""
+        forks = self._forks or ()
+        best: Head | None = None
+        for branch, head in self.heads.items():
+            if head.event in TERMINAL or branch in forks:
+                continue
+            if best is None or head.position > best.position:
+                best = head
+        return best
 
     def apply(
         self,
@@ -397,13 +427,15 @@ class TaskMachine:
         elif event is _FAILURE:
             self._xor ^= branch
             if self.failed is None:
-                self.failed = set()
-            self.failed.add(branch)
+                self.failed = {}
+            self.failed[branch] = error
             self.error = error or self.error
         elif event is _RETRY:
             self._xor ^= branch
             if self.failed is not None:
-                self.failed.discard(branch)
+                self.failed.pop(branch, None)
+            # sent again: the error that failed it is no longer the task's current one
+            self.error = next(iter(self.failed.values()), "") if self.failed else ""
             self.forced = False
         elif (event is _ERROR or event is _TIMEOUT) and error:
             self.error = error
@@ -417,10 +449,18 @@ class TaskMachine:
             # retry may arrive before its RETRY) reopens the task until it is whole again
             self.ended = False
         if head is None or place > head.position:
-            self.heads[branch] = Head(place, event, step, attempt)
+            self.heads[branch] = Head(place, event, step, attempt, deadline)
             if self.state is None or not self.ended:
-                self.state, self.step, self.attempt = event, step or self.step, attempt
-                self.deadline = deadline
+                shown: Head | None = self.heads[branch]
+                if (event is _HAPPY_END or event is _FAILURE) and self._xor:
+                    # a branch ended while others live: the task is where the most advanced
+                    # live one is (where it was, when none has an event of its own yet)
+                    known = self.state is not None and self.state not in TERMINAL
+                    shown = self._live_head() or (None if known else shown)
+                if shown is not None:
+                    self.state, self.attempt = shown.event, shown.attempt
+                    self.step = shown.step or self.step
+                    self.deadline = shown.deadline
                 self.where = where or self.where
         if self.ended:
             self._settle()

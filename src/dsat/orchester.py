@@ -213,6 +213,16 @@ class Orchester(FixedPoint):
             linked = {link.target for link in self.topology.links_from(source)}
             if source not in self.topology.steps or not set(targets) <= linked:
                 raise MessageError(f"submit: {source!r:.40} is not a source linked to {targets}")
+        else:
+            # a client submits to entries only: a step inside the graph expects what the
+            # step before it makes, not what a client sends
+            closed = [t for t in targets if not self.topology.steps[t].entry]
+            if closed:
+                entries = sorted(s.name for s in self.topology.steps.values() if s.entry)
+                raise MessageError(
+                    f"submit: step {closed[0]!r:.40} is not an entry (entry steps: "
+                    f"{', '.join(entries) or 'none'}); set entry = true on it to submit to it"
+                )
         if not payloads:
             raise MessageError("submit: no payload")
         if self.stopping:

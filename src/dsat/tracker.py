@@ -13,7 +13,7 @@ transition of its history, in order) and forgotten. After a restart, it
 rebuilds live tasks from their stored events.
 
 It also answers queries (a task's state and history, tasks by job, step or
-state, the load of every pool) on its ``query`` socket:
+state, dead letters, the load of every pool) on its ``query`` socket:
 ``query {"ref", "op", ...}`` -> ``reply {"ref", "ok", "result" | "error"}``.
 """
 
@@ -643,6 +643,8 @@ class Tracker:
         if op == "dead_letter":
             letter = self.store.dead_letter(field_of(body, "task_id", str, "query"))
             return _as_dict(letter) if letter else None
+        if op == "dead_letters":
+            return self._dead_letters(body)
         if op == "stats":
             return {
                 "live": len(self.live),
@@ -665,6 +667,20 @@ class Tracker:
             "events": [_as_dict(e) for e in self.store.events(task_id, after)],
             "results": [_as_dict(r) for r in self.store.results(task_id)],
         }
+
+    def _dead_letters(self, body: dict[str, Any]) -> list[str]:
+        """Task ids of the dead letters of a job and/or a step, in order, after ``after``."""
+        filters: dict[str, Any] = {}
+        for name in ("job_id", "step", "after"):
+            value = body.get(name)
+            if value is not None:
+                if type(value) is not str:
+                    raise MessageError(f"query dead_letters: {name} must be a string")
+                filters[name] = value
+        limit = body.get("limit", 1000)
+        if type(limit) is not int or not 0 <= limit <= 10_000:
+            raise MessageError("query dead_letters: limit must be an integer in 0..10000")
+        return self.store.dead_letter_ids(limit=limit, **filters)
 
     def _tasks(self, body: dict[str, Any]) -> list[dict[str, Any]]:
         filters: dict[str, Any] = {}

@@ -112,7 +112,7 @@ def test_submit_with_wait_of_a_failing_task_exits_1_with_the_error(
     (task_id,) = result.stdout.splitlines()
     assert TASK_ID.fullmatch(task_id)
     assert result.stderr == (
-        f"dsat submit: task {task_id} failed at step double after 1 attempt(s): "
+        f"dsat submit: task {task_id} failed at step double (branch 1) after 1 attempt(s): "
         "RuntimeError: asked to fail\n"
     )
 
@@ -188,7 +188,7 @@ def test_watch_prints_every_event_until_the_task_ends_then_exits_0(
     lines = out.splitlines()
     printed = [(int(line.split()[0].lstrip("#")), line.split()[2]) for line in lines]
     assert [tseq for tseq, _ in printed] == list(range(1, len(state.history) + 1))
-    assert printed == [(e.tseq, e.event) for e in state.history]
+    assert printed == [(e.tseq, e.event) for e in state.arrivals]  # as they came
     assert [event for _, event in printed].count("HAPPY_END") == 1
 
 

@@ -264,7 +264,7 @@ def test_a_function_that_raises_is_retried_then_fails_then_dsat_retry_sends_it_a
             timeout=60,
         )
         assert retry.returncode == 0, retry.stderr
-        assert retry.stdout.strip() == f"{task_id}: sent again"
+        assert retry.stdout.splitlines() == [f"{task_id}: sent again", "1 task sent again"]
 
         # the RETRY reaches the tracker asynchronously: until then the task is still FAILED
         wait_for(lambda: _names(client.state(task_id), "RETRY") == ["RETRY"], timeout=10)

@@ -8,13 +8,16 @@ import dsat
 def test_the_public_names_are_pinned() -> None:
     assert dsat.__all__ == sorted(dsat.__all__)
     assert set(dsat.__all__) == {
+        "BranchState",
         "Client",
         "DsatError",
         "Envelope",
         "Event",
         "EventInfo",
         "MessageError",
+        "PayloadTooLargeError",
         "Problem",
+        "ResultNotKeptError",
         "SaturatedError",
         "State",
         "StoreError",

@@ -482,14 +482,18 @@ def test_a_task_applied_in_order_moves_through_its_states() -> None:
     events = task_history([OK, ((ERROR,), False)])
     machine = TaskMachine(TASK_ID, "job")
     states = []
+    errors = []
     for ev in events:
         outcome = ev.apply_to(machine)
         states.append((machine.state, outcome.over))
+        errors.append(machine.error)
     assert [s for s, _ in states] == [ev.event for ev in events]
     assert [over for _, over in states] == [False] * (len(events) - 1) + [True]
     assert machine.step == "pool2"
     assert machine.attempt == 2
-    assert machine.error == "ERROR 1"
+    # the error of try 1 is the current one while the hop is tried again, not after the end
+    assert errors[-2] == "ERROR 1"
+    assert machine.error == ""
     assert machine.tseq == len(events)
     assert [tseq for *_, tseq in machine.history] == list(range(1, len(events) + 1))
 
@@ -715,7 +719,7 @@ def test_a_fan_out_with_one_failed_branch_ends_in_failure() -> None:
     failed_branch = next(ev.branch for ev in events if ev.event is FAILURE)
     assert ended_on(outcomes) == [len(events) - 1]
     assert machine.state is FAILURE
-    assert machine.failed == {failed_branch}
+    assert set(machine.failed or ()) == {failed_branch}
     assert machine.error == "gave up at pool2"
 
 
@@ -751,7 +755,7 @@ def test_a_retry_after_failure_reopens_the_task_until_the_new_run_ends() -> None
     assert not outcome.over
     assert not machine.over
     assert machine.state is RETRY
-    assert machine.failed == set()
+    assert not machine.failed
     later = [ev.apply_to(machine) for ev in again[1:]]
     assert ended_on(later) == [len(later) - 1]
     assert machine.state is HAPPY_END
@@ -870,3 +874,93 @@ def test_a_machine_keeps_a_handful_of_objects_however_long_its_history() -> None
     assert all(m.over for m in machines)
     assert objects <= 12, f"{objects:.1f} objects per machine"
     assert size <= 1200, f"{size:.0f} bytes per machine"
+
+
+# ---------------------------------------------------------------------------
+# what the task shows while branches live, and once over
+
+
+def test_a_branch_that_ends_does_not_end_the_task_while_another_runs() -> None:
+    events = task_history([OK], fork=[[OK], [OK, OK]])
+    second = next(ev.branch for ev in events if ev.seq == 3)  # the branch with two hops
+    first = next(ev.branch for ev in events if ev.parent and ev.branch != second)
+    done = next(ev for ev in events if ev.branch == first and ev.event is HAPPY_END)
+    started = position(START, 3, 1)
+    running = [
+        ev
+        for ev in events
+        if ev != done and (ev.branch != second or position(ev.event, ev.seq, ev.attempt) <= started)
+    ]
+    machine, outcomes = run([*running, done])  # the first branch's end comes last
+    assert ended_on(outcomes) == []
+    assert (running[-1].event, running[-1].step) == (START, "pool3")
+    assert (machine.state, machine.step) == (START, "pool3")  # the live branch's
+
+
+def test_a_branch_that_ends_before_the_others_start_leaves_the_task_where_it_was() -> None:
+    events = task_history([OK], fork=[[OK], [OK]])
+    first = next(ev.branch for ev in events if ev.parent)
+    fork = next(ev for ev in events if ev.children and ev.event is END)
+    machine, _ = run(events[: events.index(fork) + 1])
+    for ev in events:
+        if ev.branch == first:
+            ev.apply_to(machine)
+    assert machine.state is not HAPPY_END  # the other branch has no event of its own yet
+    assert not machine.over
+
+
+@SETTINGS
+@given(fan_out_histories(), st.data())
+def test_a_fan_out_shows_no_end_while_a_branch_is_live(
+    events: list[Ev], data: st.DataObject
+) -> None:
+    forked = {ev.parent for ev in events if ev.parent} | {
+        ev.branch for ev in events if ev.event is END and ev.children
+    }
+    machine = TaskMachine(TASK_ID, "job")
+    heads: dict[int, Ev] = {}
+    for ev in data.draw(producer_orders(events)):
+        outcome = ev.apply_to(machine)
+        head = heads.get(ev.branch)
+        if head is None or position(ev.event, ev.seq, ev.attempt) > position(
+            head.event, head.seq, head.attempt
+        ):
+            heads[ev.branch] = ev
+        live = [h for b, h in heads.items() if b not in forked and h.event not in TERMINAL]
+        if not outcome.over and live:
+            assert machine.state not in TERMINAL, brief(events)
+
+
+def test_a_failed_fan_out_names_the_branch_that_failed_even_when_another_ends_last() -> None:
+    events = task_history([OK], fork=[[((ERROR, ERROR), True)], [OK, OK]])
+    failed = next(ev for ev in events if ev.event is FAILURE)
+    machine, outcomes = run(events)  # the failing branch's events first, the other's last
+    assert events[-1].event is HAPPY_END
+    assert events[-1].branch != failed.branch
+    assert ended_on(outcomes) == [len(events) - 1]
+    assert machine.state is FAILURE
+    assert (machine.step, machine.attempt) == (failed.step, failed.attempt)
+    assert machine.error == "gave up at pool2"
+
+
+def test_a_retry_clears_the_error_that_failed_the_task() -> None:
+    failing = task_history([OK, ((ERROR, ERROR), True)])
+    machine, _ = run(failing)
+    assert machine.error == "gave up at pool2"
+    again = retried(failing)
+    again[0].apply_to(machine)
+    assert machine.error == ""
+    for ev in again[1:]:
+        ev.apply_to(machine)
+    assert (machine.state, machine.error) == (HAPPY_END, "")
+
+
+def test_an_error_is_the_current_one_until_the_task_ends_well() -> None:
+    events = task_history([((ERROR, TIMEOUT), False)])
+    machine = TaskMachine(TASK_ID, "job")
+    for ev in events[:-3]:  # up to the TIMEOUT of try 2
+        ev.apply_to(machine)
+    assert machine.error == "TIMEOUT 2"
+    for ev in events[-3:]:
+        ev.apply_to(machine)
+    assert (machine.state, machine.error) == (HAPPY_END, "")

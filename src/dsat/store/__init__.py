@@ -161,6 +161,16 @@ class Store(Protocol):
 
     def dead_letter(self, task_id: str) -> DeadLetter | None: ...
 
+    def dead_letter_ids(
+        self,
+        *,
+        job_id: str | None = None,
+        step: str | None = None,
+        after: str = "",
+        limit: int = 1000,
+    ) -> list[str]:
+        """Task ids of dead letters matching every given filter, above ``after``, in order."""
+
     def counts(self) -> dict[str, int]:
         """How many tasks are in each state."""
 

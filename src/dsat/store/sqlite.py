@@ -433,6 +433,29 @@ class SqliteStore:
         values[8] = bytes(values[8])
         return DeadLetter(*values)
 
+    def dead_letter_ids(
+        self,
+        *,
+        job_id: str | None = None,
+        step: str | None = None,
+        after: str = "",
+        limit: int = 1000,
+    ) -> list[str]:
+        where = ["task_id > ?"]
+        params: list[Any] = [after]
+        for column, value in (("job_id", job_id), ("step", step)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        params.append(max(0, int(limit)))
+        with self._reading("dead letters") as db:
+            rows = db.execute(
+                f"SELECT task_id FROM dead_letters WHERE {' AND '.join(where)} "
+                "ORDER BY task_id LIMIT ?",
+                params,
+            ).fetchall()
+        return [row[0] for row in rows]
+
     def counts(self) -> dict[str, int]:
         with self._reading("counts") as db:
             rows = db.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
